@@ -1,0 +1,7 @@
+"""``python -m espnet3_rules``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

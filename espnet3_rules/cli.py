@@ -1,0 +1,135 @@
+"""Command line the Snakemake rules call: ``python -m espnet3_rules plan|run-shard|merge|status``.
+
+Each command works on one unit, named either by ``--manifest`` (what the rules
+pass) or by ``--config FILE --job NAME`` (for use by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .contracts import ContractError
+from .plan import ShardPlan, read_manifest, write_manifest
+
+log = logging.getLogger("espnet3_rules")
+
+
+def _unit_from_args(args: argparse.Namespace):
+    from .jobs import Unit, unit_from_config
+
+    if args.unit_json:
+        return Unit.from_json(args.unit_json)
+    if args.config and args.job:
+        import yaml
+
+        try:
+            config = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ContractError(f"{args.config}: cannot read config ({exc})") from None
+        return unit_from_config(config, args.job)
+    raise ContractError("name the job with --unit-json, or with --config FILE --job NAME")
+
+
+def _plan_from_args(args: argparse.Namespace) -> ShardPlan:
+    if args.manifest:
+        return read_manifest(args.manifest)
+    return read_manifest(Path(_unit_from_args(args).root) / "manifest.json")
+
+
+def _runner_for(plan: ShardPlan):
+    """Rebuild the runner a manifest was planned for."""
+    from .jobs import Unit, build_runner
+
+    spec = plan.spec
+    unit = Unit(
+        job=plan.shard_subdir or plan.output_dir.name,
+        runner=spec["runner"],
+        provider=spec["provider"],
+        output_dir=str(plan.output_dir),
+        shard_subdir=plan.shard_subdir,
+        n_shards=plan.n_shards,
+        batch_size=spec.get("batch_size"),
+        provider_config=spec.get("provider_config") or {},
+        params=spec.get("params") or {},
+        runner_kwargs=spec.get("runner_kwargs") or {},
+    )
+    return build_runner(unit)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .jobs import plan_unit
+
+    plan = plan_unit(_unit_from_args(args))
+    path = write_manifest(plan)
+    print(f"{path}: {plan.summary()}")
+    return 0
+
+
+def cmd_run_shard(args: argparse.Namespace) -> int:
+    from .shard import build_worker_env, run_shard
+
+    plan = _plan_from_args(args)
+    plan.shard_dir(args.shard)  # refuses an id outside the plan before building anything
+    runner = _runner_for(plan)
+    runner.validate()
+    run_shard(runner, plan, args.shard, build_worker_env(runner))
+    print(f"{plan.shard_dir(args.shard)}: done ({len(plan.shards[args.shard])} items)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_plan
+
+    plan = _plan_from_args(args)
+    merge_plan(_runner_for(plan), plan)
+    print(f"{plan.root}: merged {plan.n_shards} shards")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .merge import pending_shards
+
+    plan = _plan_from_args(args)
+    pending = pending_shards(plan)
+    print(f"{plan.root}: {plan.summary()}; {plan.n_shards - len(pending)} done, pending: {pending or 'none'}")
+    return 0 if not pending else 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of the CLI."""
+    parser = argparse.ArgumentParser(prog="python -m espnet3_rules", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {
+        "plan": (cmd_plan, "validate a job and write its manifest.json"),
+        "run-shard": (cmd_run_shard, "run one shard of a planned job"),
+        "merge": (cmd_merge, "merge the shards of a planned job"),
+        "status": (cmd_status, "list done and pending shards (exit 3 if any pending)"),
+    }
+    for name, (func, help_text) in commands.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(func=func)
+        p.add_argument("--config", help="YAML config file (with --job)")
+        p.add_argument("--job", help="job name in the config")
+        if name == "plan":
+            p.add_argument("--unit-json", help="the job as JSON (what the Snakemake rule passes)")
+        else:
+            p.set_defaults(unit_json=None)
+            p.add_argument("--manifest", help="manifest.json of the job")
+        if name == "run-shard":
+            p.add_argument("--shard", type=int, required=True, help="shard id N (split.N)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the CLI; contract errors print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ContractError as exc:
+        print(f"espnet3_rules {args.command}: error: {exc}", file=sys.stderr)
+        return 2

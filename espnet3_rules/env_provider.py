@@ -1,0 +1,55 @@
+"""Environment providers: build dataset/model/tokenizer once per process.
+
+Mirrors ``espnet3.parallel.env_provider.EnvironmentProvider`` so that an ESPnet3
+provider works here by changing only its import line.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Dict, Optional, Set
+
+
+class EnvironmentProvider(ABC):
+    """Build and hand out the runtime environment (a dict injected into ``forward``).
+
+    Subclasses implement:
+
+    - ``build_env_local()``: build one env dict on the driver (in-process runs).
+    - ``build_worker_setup_fn()``: return a *zero-argument function* that builds the
+      env; it runs once per worker process (one Snakemake shard job).
+
+    Args:
+        config: Configuration used to build the environment (a mapping; the CLI
+            passes an OmegaConf ``DictConfig`` built from the YAML job config).
+    """
+
+    def __init__(self, config: Any = None):
+        """Keep the configuration used to build the environment."""
+        self.config = config
+
+    @abstractmethod
+    def build_env_local(self) -> Dict[str, Any]:
+        """Build the environment once on the driver and return it."""
+        raise NotImplementedError
+
+    def build_worker_setup_fn(self) -> Callable[[], Dict[str, Any]]:
+        """Return a zero-argument function that builds the env inside a worker.
+
+        Older ESPnet3 providers name this hook ``make_worker_setup_fn``; such a
+        provider keeps working because this default delegates to it.
+        """
+        legacy = getattr(type(self), "make_worker_setup_fn", None)
+        if legacy is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} must implement build_worker_setup_fn()"
+            )
+        return legacy(self)
+
+    def declared_env_keys(self) -> Optional[Set[str]]:
+        """Env keys this provider will return, if known without building anything.
+
+        Used to check ``forward``'s parameter names at plan time. ``None`` (the
+        default) means "unknown": the check then runs when the env is built.
+        """
+        return None

@@ -1,0 +1,67 @@
+"""InferenceProvider: a provider whose env is ``{"dataset", "model", **params}``.
+
+Mirrors ``espnet3.parallel.inference_provider.InferenceProvider``.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, Callable, Dict, Mapping, Optional, Set
+
+from .env_provider import EnvironmentProvider
+
+
+class InferenceProvider(EnvironmentProvider):
+    """Provider specialised for dataset/model inference.
+
+    Subclasses implement the static builders ``build_dataset(config)`` and
+    ``build_model(config)``. ``params`` are extra env entries (device, beam size,
+    ``input_key``, ...) and are also merged into ``config`` as ESPnet3 does.
+
+    The local env is built once per provider and cached: ``build_env_local()``
+    returns a shallow copy of it, built by the same setup function workers use,
+    so local and worker setup stay identical. Unlike ESPnet3 it is built on first
+    use rather than in ``__init__``, so planning (which only needs the dataset
+    length) never loads the model.
+    """
+
+    def __init__(self, config: Any = None, params: Optional[Mapping[str, Any]] = None):
+        """Keep ``config`` and ``params``; merge ``params`` into ``config``."""
+        super().__init__(config if config is not None else {})
+        self.params: Dict[str, Any] = dict(params or {})
+        if self.params:
+            self.config.update(self.params)
+        self._local_env: Optional[Dict[str, Any]] = None
+
+    @staticmethod
+    @abstractmethod
+    def build_dataset(config: Any) -> Any:
+        """Build the dataset (indexable, with ``len()``)."""
+        raise NotImplementedError
+
+    @staticmethod
+    @abstractmethod
+    def build_model(config: Any) -> Any:
+        """Build the model (load weights, move to device)."""
+        raise NotImplementedError
+
+    def build_worker_setup_fn(self) -> Callable[[], Dict[str, Any]]:
+        """Return a setup function building ``{"dataset", "model", **params}``."""
+        config, params, cls = self.config, dict(self.params), type(self)
+
+        def setup() -> Dict[str, Any]:
+            env = {"dataset": cls.build_dataset(config), "model": cls.build_model(config)}
+            env.update(params)
+            return env
+
+        return setup
+
+    def build_env_local(self) -> Dict[str, Any]:
+        """Build the env once (cached) and return a shallow copy of it."""
+        if self._local_env is None:
+            self._local_env = self.build_worker_setup_fn()()
+        return dict(self._local_env)
+
+    def declared_env_keys(self) -> Set[str]:
+        """``dataset``, ``model`` and every ``params`` key."""
+        return {"dataset", "model", *self.params}

@@ -1,0 +1,85 @@
+"""Run one shard: build env, forward over its items, stream writer hooks, atomic ``done``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from tqdm import tqdm
+
+from .contracts import check_env, check_forward_env, check_setup_fn
+from .plan import ShardPlan, write_json_atomic
+
+DONE_NAME = "done"
+
+
+def build_local_env(runner: Any) -> Dict[str, Any]:
+    """Env for in-process runs: ``provider.build_env_local()``."""
+    return check_env(runner.provider, runner.provider.build_env_local())
+
+
+def build_worker_env(runner: Any) -> Dict[str, Any]:
+    """Env for a shard process: ``provider.build_worker_setup_fn()()``, checked on the way."""
+    provider = runner.provider
+    setup = check_setup_fn(provider, provider.build_worker_setup_fn())
+    return check_env(provider, setup())
+
+
+def done_path(shard_dir: Path) -> Path:
+    """The ``split.N/done`` marker."""
+    return Path(shard_dir) / DONE_NAME
+
+
+def read_done(shard_dir: Path) -> Optional[Dict[str, Any]]:
+    """The ``done`` record of a shard, or ``None`` if absent or unreadable (a torn write)."""
+    try:
+        record = json.loads(done_path(shard_dir).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def is_shard_done(plan: ShardPlan, shard_id: int) -> bool:
+    """True only if the shard's ``done`` was written by a run of this very plan."""
+    record = read_done(plan.shard_dir(shard_id))
+    return record is not None and record.get("fingerprint") == plan.fingerprint
+
+
+def run_shard(runner: Any, plan: ShardPlan, shard_id: int, env: Dict[str, Any]) -> Dict[str, Any]:
+    """Process one shard end to end and return its finalized state.
+
+    Any earlier ``done`` is removed first, so a shard that dies part-way leaves
+    none; ``done`` (holding the plan's fingerprint) is written last, atomically.
+    """
+    runner_cls = type(runner)
+    env = runner.runtime_env(env)
+    check_forward_env(runner_cls, env, type(runner.provider).__name__)
+    shard_dir = plan.shard_dir(shard_id)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    done_path(shard_dir).unlink(missing_ok=True)
+
+    items = plan.shards[shard_id]
+    state = runner_cls.init_state(shard_id=shard_id, **env)
+    forward = runner_cls.forward_caller(env)
+    reduce = runner_cls.reducer(shard_id, env)
+    progress = tqdm(
+        items,
+        desc=f"{plan.shard_subdir or plan.output_dir.name} shard {shard_id}",
+        unit="batch" if plan.spec.get("batch_size") else "item",
+        mininterval=1.0,
+        disable=None if sys.stderr.isatty() else False,
+        file=sys.stderr,
+    )
+    for item in progress:
+        state = reduce(state, forward(item))
+    progress.close()
+    state = runner_cls.finalize_state(state, shard_id=shard_id, **env)
+    runner_cls.serialize_state(state, shard_dir)
+    write_json_atomic(
+        done_path(shard_dir),
+        {"fingerprint": plan.fingerprint, "shard_id": shard_id, "n_items": len(items), "pid": os.getpid()},
+    )
+    return state
