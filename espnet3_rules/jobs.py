@@ -45,13 +45,13 @@ class Unit:
     def plan_inputs(self) -> Dict[str, Any]:
         """What the plan depends on (Snakemake ``params``): a change reruns plan and shards."""
         data = asdict(self)
-        for key in ("resources", "inputs", "job"):
+        for key in ("resources", "inputs"):
             data.pop(key)
         return data
 
     def to_json(self) -> str:
-        """The unit as JSON (passed to ``python -m espnet3_rules plan --unit-json``)."""
-        return json.dumps(asdict(self), sort_keys=True)
+        """:meth:`plan_inputs` as JSON (what the plan rule passes to ``plan --unit-json``)."""
+        return json.dumps(self.plan_inputs(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Unit":
@@ -61,6 +61,19 @@ class Unit:
     def shard_resources(self) -> Dict[str, Any]:
         """Per-shard resources with defaults filled in."""
         return {**DEFAULT_RESOURCES, **self.resources}
+
+
+def check_config(config: Mapping[str, Any], schema_path: Any, source: str = "config") -> None:
+    """Validate ``config`` against the JSON schema; the first error as one line naming the key."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_path).read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(dict(config)))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ContractError(f"{source}: {where}: {error.message}")
 
 
 def units_from_config(config: Mapping[str, Any]) -> Dict[str, Unit]:
@@ -167,3 +180,16 @@ def plan_unit(unit: Unit) -> ShardPlan:
         return runner.plan(range(n_items))
     except ContractError as exc:
         raise ContractError(f"jobs.{unit.job}: {exc}") from None
+
+
+def describe_unit(unit: Unit) -> str:
+    """One dry-run line: contract-checked plan summary of a unit.
+
+    Contract errors propagate; a dataset that does not exist yet (made by an
+    upstream rule) is reported instead of counted.
+    """
+    try:
+        plan = plan_unit(unit)
+    except OSError as exc:
+        return f"job {unit.job} ({unit.root}): {unit.n_shards} shards; items counted when plan runs (dataset not ready: {exc})"
+    return f"job {unit.job} ({unit.root}): {plan.summary()}"

@@ -1,0 +1,33 @@
+# espnet3-rules: sharded, resumable ESPnet3-style jobs with Snakemake as the orchestrator.
+#
+#   snakemake -n            # dry-run: contract checks + one plan line per job + every shard job
+#   snakemake --cores 2     # run locally
+#   snakemake --profile slurm   # one SLURM job per shard
+#
+# All logic lives in the espnet3_rules package; the rules only wire paths to its CLI.
+
+from snakemake.utils import min_version, validate
+
+from espnet3_rules.jobs import check_config
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+# One-line error naming the offending key first; then Snakemake's validate fills schema defaults.
+check_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/plan.smk"
+include: "workflow/rules/shard.smk"
+include: "workflow/rules/merge.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,166 @@
+"""Integration tests: the real Snakemake CLI on the project's Snakefile in temp dirs."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def job(name, n_items=10, n_shards=3, **extra):
+    """A TextRunner job entry writing under results/<name>."""
+    entry = {
+        "runner": "wf_toy.TextRunner",
+        "provider": "wf_toy.WordsProvider",
+        "provider_config": {"n_items": n_items, "poison_dir": "poison"},
+        "output_dir": "results",
+        "shard_subdir": name,
+        "n_shards": n_shards,
+        "items": n_items,
+    }
+    entry.update(extra)
+    return entry
+
+
+class Workflow:
+    """A temp working directory with its own config, driving ``snakemake`` on the repo's Snakefile."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        (path / "poison").mkdir()
+
+    def write_config(self, jobs):
+        (self.path / "config.yaml").write_text(yaml.safe_dump({"jobs": jobs}), encoding="utf-8")
+
+    def snakemake(self, *args, check=True):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]))
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(self.path),
+               "--configfile", str(self.path / "config.yaml"), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        out = proc.stdout + proc.stderr
+        if check and proc.returncode != 0:
+            raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{out}")
+        return proc.returncode, out
+
+    def poison(self, item):
+        (self.path / "poison" / str(item)).touch()
+
+    def cure(self, item):
+        (self.path / "poison" / str(item)).unlink()
+
+
+def job_counts(output: str) -> dict:
+    """Rule -> count from Snakemake's 'Job stats' table (the first one printed)."""
+    table = output.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+@pytest.fixture
+def wf(tmp_path):
+    return Workflow(tmp_path)
+
+
+def expected_text(n_items, suffix=""):
+    return "".join(f"{i} W{i:04d}{suffix.upper()}\n" for i in range(n_items))
+
+
+def test_dry_run_lists_every_shard_and_plan_summary(wf):
+    wf.write_config({"a": job("a", n_items=10, n_shards=4), "b": job("b", n_items=6, n_shards=2)})
+    _, out = wf.snakemake("-n")
+    assert job_counts(out) == {"plan": 2, "shard": 6, "merge": 2, "all": 1}
+    assert "job a (results/a): 4 shards x 2-3 items (10 items, batch_size=None)" in out
+    assert "job b (results/b): 2 shards x 3 items (6 items, batch_size=None)" in out
+    assert not (wf.path / "results").exists(), "a dry-run must not write anything"
+
+
+def test_run_merges_then_second_run_is_noop(wf):
+    wf.write_config({"a": job("a", n_items=10, n_shards=3)})
+    wf.snakemake("--cores", "2")
+    root = wf.path / "results" / "a"
+    assert (root / "text").read_text() == expected_text(10)
+    assert sorted(p.name for p in root.glob("split.*")) == ["split.0", "split.1", "split.2"]
+    assert all((root / f"split.{i}" / "done").exists() for i in range(3))
+    assert (root / "logs" / "split.1.log").exists() and (root / "benchmarks" / "split.1.tsv").exists()
+    _, out = wf.snakemake("--cores", "2")
+    assert "Nothing to be done" in out
+
+
+def test_failed_shard_keep_going_then_rerun_only_it(wf):
+    wf.write_config({"a": job("a", n_items=12, n_shards=4)})
+    wf.poison(7)  # item 7 lives in shard 2 (items 6..8)
+    code, out = wf.snakemake("--cores", "2", "--keep-going", check=False)
+    assert code != 0
+    assert "results/a/logs/split.2.log" in out, "Snakemake must point at the failed shard's log"
+    assert "poisoned item 7" in (wf.path / "results/a/logs/split.2.log").read_text()
+    root = wf.path / "results" / "a"
+    assert [(root / f"split.{i}" / "done").exists() for i in range(4)] == [True, True, False, True]
+    assert not (root / "merge.done").exists() and not (root / "text").exists()
+
+    wf.cure(7)
+    _, out = wf.snakemake("--cores", "2")
+    assert job_counts(out) == {"shard": 1, "merge": 1, "all": 1}
+    assert (root / "text").read_text() == expected_text(12)
+
+
+def test_deleted_done_reruns_that_shard_and_merge(wf):
+    wf.write_config({"a": job("a", n_items=6, n_shards=3)})
+    wf.snakemake("--cores", "2")
+    (wf.path / "results/a/split.1/done").unlink()
+    _, out = wf.snakemake("--cores", "2")
+    assert job_counts(out) == {"shard": 1, "merge": 1, "all": 1}
+
+
+def test_params_change_reruns_only_that_jobs_shards(wf):
+    jobs = {"a": job("a", n_items=6, n_shards=3), "b": job("b", n_items=4, n_shards=2)}
+    wf.write_config(jobs)
+    wf.snakemake("--cores", "2")
+    jobs["a"]["provider_config"]["suffix"] = "x"
+    wf.write_config(jobs)
+    _, out = wf.snakemake("--cores", "2")
+    assert job_counts(out) == {"plan": 1, "shard": 3, "merge": 1, "all": 1}
+    assert (wf.path / "results/a/text").read_text() == expected_text(6, "x")
+    assert (wf.path / "results/b/text").read_text() == expected_text(4)
+
+
+def test_resources_change_reruns_nothing(wf):
+    jobs = {"a": job("a", n_items=4, n_shards=2)}
+    wf.write_config(jobs)
+    wf.snakemake("--cores", "2")
+    jobs["a"]["resources"] = {"mem_mb": 1234, "runtime": 5}
+    wf.write_config(jobs)
+    _, out = wf.snakemake("--cores", "2")
+    assert "Nothing to be done" in out
+
+
+def test_n_shards_change_replans(wf):
+    jobs = {"a": job("a", n_items=6, n_shards=3)}
+    wf.write_config(jobs)
+    wf.snakemake("--cores", "2")
+    jobs["a"]["n_shards"] = 2
+    wf.write_config(jobs)
+    _, out = wf.snakemake("--cores", "2")
+    assert job_counts(out) == {"plan": 1, "shard": 2, "merge": 1, "all": 1}
+    assert (wf.path / "results/a/text").read_text() == expected_text(6)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"n_shards": 0}, "config: jobs.a.n_shards: 0 is less than the minimum of 1"),
+        ({"n_shard": 2}, "config: jobs.a: Additional properties are not allowed ('n_shard' was unexpected)"),
+        ({"runner": "wf_toy.Nope"}, "jobs.a.runner 'wf_toy.Nope': module 'wf_toy' has no attribute 'Nope'"),
+        ({"runner": "wf_toy.SelfRunner"}, "SelfRunner.forward must be a @staticmethod"),
+        ({"n_shards": 20}, "jobs.a: n_shards (20) exceeds the number of items (10); lower n_shards"),
+    ],
+)
+def test_contract_errors_fail_the_dry_run(wf, change, message):
+    wf.write_config({"a": job("a", **change)})
+    code, out = wf.snakemake("-n", check=False)
+    assert code != 0
+    assert message in out

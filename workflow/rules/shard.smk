@@ -1,0 +1,18 @@
+rule shard:
+    """One shard: build the env once, forward over its items, write split.N/done last."""
+    input:
+        manifest="{unit}/manifest.json",
+        data=lambda w: unit_of(w).inputs,
+    output:
+        "{unit}/split.{i}/done",
+    log:
+        "{unit}/logs/split.{i}.log",
+    benchmark:
+        "{unit}/benchmarks/split.{i}.tsv"
+    threads: shard_resource("threads")
+    resources:
+        mem_mb=shard_resource("mem_mb"),
+        runtime=shard_resource("runtime"),
+        gpu=shard_resource("gpu"),
+    shell:
+        "{PYTHON} -m espnet3_rules run-shard --manifest {input.manifest:q} --shard {wildcards.i} > {log:q} 2>&1"
