@@ -5,7 +5,6 @@ from espnet3_rules.jobs import describe_unit, units_from_config
 
 # One unit per job: <output_dir>/<shard_subdir> holds manifest.json, split.N/, merge.done.
 UNITS = units_from_config(config)
-PYTHON = sys.executable
 
 
 wildcard_constraints:

@@ -9,7 +9,9 @@ rule merge:
         shards=shard_done_files,
     output:
         "{unit}/merge.done",
+    conda:
+        "../../environment.yml"
     log:
         "{unit}/logs/merge.log",
     shell:
-        "{PYTHON} -m espnet3_rules merge --manifest {input.manifest:q} > {log:q} 2>&1"
+        "python -m espnet3_rules merge --manifest {input.manifest:q} > {log:q} 2>&1"

@@ -10,7 +10,9 @@ rule plan:
         "{unit}/manifest.json",
     params:
         unit=lambda w: unit_of(w).to_json(),
+    conda:
+        "../../environment.yml"
     log:
         "{unit}/logs/plan.log",
     shell:
-        "{PYTHON} -m espnet3_rules plan --unit-json {params.unit:q} > {log:q} 2>&1"
+        "python -m espnet3_rules plan --unit-json {params.unit:q} > {log:q} 2>&1"

@@ -5,6 +5,8 @@ rule shard:
         data=lambda w: unit_of(w).inputs,
     output:
         "{unit}/split.{i}/done",
+    conda:
+        "../../environment.yml"
     log:
         "{unit}/logs/split.{i}.log",
     benchmark:
@@ -15,4 +17,4 @@ rule shard:
         runtime=shard_resource("runtime"),
         gpu=shard_resource("gpu"),
     shell:
-        "{PYTHON} -m espnet3_rules run-shard --manifest {input.manifest:q} --shard {wildcards.i} > {log:q} 2>&1"
+        "python -m espnet3_rules run-shard --manifest {input.manifest:q} --shard {wildcards.i} > {log:q} 2>&1"
