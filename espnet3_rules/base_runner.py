@@ -194,25 +194,18 @@ class BaseRunner(ABC):
 
     # ----------------------------------------------------- engine plumbing
     @classmethod
-    def forward_caller(cls, env: Dict[str, Any]) -> Callable[[Any], Any]:
-        """``item -> forward(item, **env)`` with the env bound by name once per shard."""
-        forward, kwargs = cls.forward, env_kwargs(cls.forward, env, 1)
-        return lambda item: forward(item, **kwargs)
+    def reducer(cls, shard_id: int, env: Dict[str, Any]) -> Optional[Callable[[Dict[str, Any], Any], Dict[str, Any]]]:
+        """``(state, result) -> state`` with the env bound once per shard.
 
-    @classmethod
-    def reducer(cls, shard_id: int, env: Dict[str, Any]) -> Callable[[Dict[str, Any], Any], Dict[str, Any]]:
-        """``(state, result) -> state``; skips per-item dispatch for the default hooks."""
+        ``None`` means the default hooks are in place: results are simply
+        appended to ``state["records"]`` (the engine does that without a call).
+        """
         if cls.reduce_state.__func__ is not BaseRunner.reduce_state.__func__:
             reduce_env = {"shard_id": shard_id, **env}
             return lambda state, result: cls.reduce_state(state, result, **reduce_env)
         write_record = cls.write_record
         if write_record is BaseRunner.write_record:
-
-            def append(state: Dict[str, Any], result: Any) -> Dict[str, Any]:
-                state["records"].append(result)
-                return state
-
-            return append
+            return None
         kwargs = env_kwargs(write_record, {"shard_id": shard_id, **env}, 3)
 
         def write(state: Dict[str, Any], result: Any) -> Dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 
 from tqdm import tqdm
 
-from .contracts import check_env, check_forward_env, check_setup_fn
+from .contracts import check_env, check_forward_env, check_setup_fn, env_kwargs
 from .plan import ShardPlan, write_json_atomic
 
 DONE_NAME = "done"
@@ -63,7 +63,7 @@ def run_shard(runner: Any, plan: ShardPlan, shard_id: int, env: Dict[str, Any]) 
 
     items = plan.shards[shard_id]
     state = runner_cls.init_state(shard_id=shard_id, **env)
-    forward = runner_cls.forward_caller(env)
+    forward, forward_env = runner_cls.forward, env_kwargs(runner_cls.forward, env, 1)
     reduce = runner_cls.reducer(shard_id, env)
     progress = tqdm(
         items,
@@ -73,8 +73,13 @@ def run_shard(runner: Any, plan: ShardPlan, shard_id: int, env: Dict[str, Any]) 
         disable=None if sys.stderr.isatty() else False,
         file=sys.stderr,
     )
-    for item in progress:
-        state = reduce(state, forward(item))
+    if reduce is None:
+        append = state["records"].append
+        for item in progress:
+            append(forward(item, **forward_env))
+    else:
+        for item in progress:
+            state = reduce(state, forward(item, **forward_env))
     progress.close()
     state = runner_cls.finalize_state(state, shard_id=shard_id, **env)
     runner_cls.serialize_state(state, shard_dir)
