@@ -1,0 +1,23 @@
+EXAMPLE_DATA = config.get("example_data") or {}
+
+
+wildcard_constraints:
+    data_dir="|".join(re.escape(d.rstrip("/")) for d in EXAMPLE_DATA) or "(?!)",
+
+
+rule example_data:
+    """Synthetic Kaldi-style test set of the built-in tone-ASR example (wav.scp, text, utt2spk)."""
+    output:
+        "{data_dir}/wav.scp",
+        "{data_dir}/text",
+        "{data_dir}/utt2spk",
+    params:
+        n_utts=lambda w: EXAMPLE_DATA[w.data_dir].get("n_utts", 40),
+        seed=lambda w: EXAMPLE_DATA[w.data_dir].get("seed", 0),
+    conda:
+        "../../environment.yml"
+    log:
+        "logs/example_data/{data_dir}.log",
+    shell:
+        "python -m espnet3_rules.examples.tone_asr prepare --out {wildcards.data_dir:q}"
+        " --n-utts {params.n_utts} --seed {params.seed} > {log:q} 2>&1"
