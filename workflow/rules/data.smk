@@ -1,8 +1,10 @@
-EXAMPLE_DATA = config.get("example_data") or {}
+import os
+
+EXAMPLE_DATA = {os.path.normpath(d): opts for d, opts in (config.get("example_data") or {}).items()}
 
 
 wildcard_constraints:
-    data_dir="|".join(re.escape(d.rstrip("/")) for d in EXAMPLE_DATA) or "(?!)",
+    data_dir="|".join(re.escape(d) for d in EXAMPLE_DATA) or "(?!)",
 
 
 rule example_data:
