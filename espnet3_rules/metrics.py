@@ -402,6 +402,8 @@ def build_metrics(configs: Sequence[Mapping[str, Any]]) -> List[MetricEntry]:
 
 def discover_test_sets(inference_dir: Path) -> List[str]:
     """Non-hidden subdirectories of ``inference_dir``, sorted (ESPnet3's default)."""
+    if not Path(inference_dir).is_dir():
+        raise ContractError(f"inference_dir {inference_dir} does not exist; run the inference jobs first")
     names = sorted(p.name for p in Path(inference_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
         raise ContractError(f"no test sets given and no test-set directories under {inference_dir}")
@@ -439,6 +441,8 @@ def measure(
     inference_dir = Path(inference_dir)
     entries = build_metrics(metrics)
     names = list(test_sets) if test_sets is not None else discover_test_sets(inference_dir)
+    if not names:
+        raise ContractError("measure needs at least one test set")
     for name in names:
         reason = unsafe_name_reason(str(name))
         if reason:

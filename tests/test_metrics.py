@@ -246,9 +246,15 @@ def test_measure_refuses_bad_metric_configs(tmp_path, metrics, message):
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_measure_refuses_missing_test_set_directory(tmp_path):
+def test_measure_refuses_missing_or_no_test_sets(tmp_path):
     with pytest.raises(ContractError, match="test set 'nope'.*run its inference first"):
         measure([WER_CFG], tmp_path, ["nope"])
+    with pytest.raises(ContractError, match="at least one test set"):
+        measure([WER_CFG], tmp_path, [])
+    with pytest.raises(ContractError, match="no test-set directories"):
+        measure([WER_CFG], tmp_path)
+    with pytest.raises(ContractError, match="does not exist; run the inference jobs first"):
+        measure([WER_CFG], tmp_path / "missing")
 
 
 # ----------------------------------------------------- measure_from_config
