@@ -1,24 +1,43 @@
 """InferenceRunner: writer-style runner streaming each output field to ``<field>.scp``.
 
-Mirrors ``espnet3.systems.base.inference_runner.InferenceRunner``: ``forward``
-feeds ``dataset[idx][input_key]`` to the model (optionally through
-``output_fn``); each result is a dict with an id (``idx_key``) and fields; each
-field goes to ``split.N/<field>.scp`` as ``<id> <value>``; ``merge``
-concatenates each field's scp across shards in shard-id order.
+Mirrors ``espnet3.systems.base.inference_runner.InferenceRunner`` (plain-model
+path): ``forward`` feeds ``dataset[idx][input_key]`` to the model (plus
+``model_kwargs``), optionally through ``output_fn(data=, model_output=, idx=)``;
+each result is a dict with an id (``idx_key``) and fields; each field goes to
+``split.N/<field>.scp`` as ``<id> <value>`` (values per :mod:`.artifacts`);
+``merge`` concatenates each field's scp across shards in shard-id order.
+
+A batch that fails for any reason but running out of memory is retried one item
+at a time (a model that takes no lists still works with ``batch_size`` set); an
+out-of-memory batch is an error naming its items and their input lengths.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
+from .artifacts import (
+    ArtifactSpec,
+    PreparedValue,
+    atomic_path,
+    check_field_name,
+    check_utt_id,
+    prepare_value,
+    resolve_artifact_configs,
+    write_prepared,
+)
 from .base_runner import BaseRunner, concatenate_shard_files
 from .contracts import ContractError, import_object
 
+log = logging.getLogger(__name__)
+
 FIELD_KEYS_NAME = "field_keys.txt"
+
+#: Model classes already reported as not taking a batch (one warning per class, not per batch).
+_WARNED_UNBATCHED: Set[str] = set()
 
 
 def as_key_list(keys: Any) -> List[str]:
@@ -39,60 +58,126 @@ def iter_outputs(result: Any) -> Iterable[Any]:
         yield result
 
 
-def check_utt_id(value: Any, idx_key: str) -> str:
-    """The id as text; refuses lists and ids unsafe as scp keys or file names."""
-    if isinstance(value, (list, tuple)):
-        raise ContractError(f"output {idx_key!r} must be a single value, not a {type(value).__name__}")
-    text = str(value)
-    if not text or text in (".", "..") or any(c.isspace() for c in text) or "/" in text or "\\" in text:
+# ------------------------------------------------------------------ forward
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for ``torch.cuda.OutOfMemoryError``, ``MemoryError``, and errors saying "out of memory"."""
+    if isinstance(exc, MemoryError):
+        return True
+    if any(cls.__name__ == "OutOfMemoryError" and cls.__module__.startswith("torch") for cls in type(exc).__mro__):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def input_lengths(inputs: Mapping[str, List[Any]]) -> Dict[str, List[Optional[int]]]:
+    """Per input key, each item's length (first dimension, or ``len``) for error messages."""
+
+    def length(value: Any) -> Optional[int]:
+        shape = getattr(value, "shape", None)
+        if shape is not None:
+            return int(shape[0]) if len(shape) else None
+        try:
+            return len(value)
+        except TypeError:
+            return None
+
+    return {key: [length(v) for v in values] for key, values in inputs.items()}
+
+
+def model_inputs(items: Sequence[Any], keys: Sequence[str], indices: Sequence[Any]) -> Dict[str, List[Any]]:
+    """``{key: [item[key] for item in items]}``; a missing key names the dataset index."""
+    for item, index in zip(items, indices):
+        if not isinstance(item, Mapping):
+            raise ContractError(f"dataset[{index!r}] is a {type(item).__name__}; input_key needs dict items")
+        for key in keys:
+            if key not in item:
+                raise ContractError(f"input_key {key!r} not found in dataset[{index!r}] (keys: {sorted(item)})")
+    return {key: [item[key] for item in items] for key in keys}
+
+
+def _call_model(model: Any, inputs: Dict[str, Any], env: Mapping[str, Any], data: Any, idx: Any) -> Any:
+    """``model(**inputs, **model_kwargs)``, shaped by ``output_fn`` when one is set."""
+    model_output = model(**inputs, **env["model_kwargs"])
+    output_fn = env["output_fn"]
+    return model_output if output_fn is None else output_fn(data=data, model_output=model_output, idx=idx)
+
+
+def _forward_env(env: Mapping[str, Any]) -> Dict[str, Any]:
+    """Checked ``input_key`` list, ``output_fn`` callable (or None) and ``model_kwargs`` dict."""
+    keys = as_key_list(env.get("input_key"))
+    if not keys:
+        raise ContractError("InferenceRunner.forward needs input_key (runner option or provider param)")
+    output_fn = env.get("output_fn")
+    if output_fn is None and env.get("output_fn_path"):
+        output_fn = import_object(env["output_fn_path"], "output_fn")
+    model_kwargs = env.get("model_kwargs") or {}
+    if not isinstance(model_kwargs, Mapping):
+        raise ContractError(f"model_kwargs must be a mapping, got {type(model_kwargs).__name__}")
+    return {"keys": keys, "output_fn": output_fn, "model_kwargs": dict(model_kwargs)}
+
+
+def forward_batch(indices: List[Any], dataset: Any, model: Any, env: Mapping[str, Any]) -> Any:
+    """Run a batch; on OOM raise advice, on any other error retry the items one at a time."""
+    items = [dataset[i] for i in indices]
+    inputs = model_inputs(items, env["keys"], indices)
+    try:
+        return _call_model(model, inputs, env, items, indices)
+    except Exception as exc:  # noqa: BLE001 - classified below
+        if is_out_of_memory(exc):
+            raise ContractError(
+                f"batch of {len(indices)} items (dataset indices {indices}, input lengths {input_lengths(inputs)}) "
+                f"ran out of memory ({type(exc).__name__}: {str(exc)[:200]}); lower batch_size below "
+                f"{len(indices)} or sort the test set by length"
+            ) from exc
+        batch_exc = exc
+    results = []
+    for index, item in zip(indices, items):
+        single = {key: item[key] for key in env["keys"]}
+        try:
+            results.append(_call_model(model, single, env, item, index))
+        except Exception as exc:  # noqa: BLE001 - reported with both causes
+            raise ContractError(
+                f"batch {indices} failed ({type(batch_exc).__name__}: {str(batch_exc)[:200]}) and dataset[{index!r}] "
+                f"alone failed too ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from exc
+    _warn_unbatched(model, len(indices), batch_exc)
+    return results
+
+
+def _warn_unbatched(model: Any, n: int, exc: BaseException) -> None:
+    name = f"{type(model).__module__}.{type(model).__qualname__}"
+    if name in _WARNED_UNBATCHED:
+        return
+    _WARNED_UNBATCHED.add(name)
+    log.warning(
+        "%s (or output_fn) did not accept a batch of %d items (%s: %.200s); the items were run one at a time. "
+        "Set batch_size to null to skip the failed attempt, or make the model and output_fn accept lists.",
+        name,
+        n,
+        type(exc).__name__,
+        exc,
+    )
+
+
+# ------------------------------------------------------------------ writing
+def prepare_record(
+    output: Any, idx_key: str, required: Sequence[str], artifacts: Mapping[str, ArtifactSpec]
+) -> Tuple[str, List[Tuple[str, PreparedValue]]]:
+    """Validate one result dict completely: ``(utt_id, [(field, PreparedValue), ...])``, nothing written."""
+    if not isinstance(output, Mapping):
         raise ContractError(
-            f"output {idx_key}={text!r} is not a safe id: it must be non-empty, not '.'/'..', "
-            "and contain no whitespace, '/' or '\\'"
+            f"InferenceRunner result must be a dict (or a list of dicts), got {type(output).__name__}: {output!r:.80}"
         )
-    return text
-
-
-def write_npy_atomic(array: Any, path: Path) -> Path:
-    """Save an array as ``.npy`` through a temp file and rename."""
-    import numpy as np
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with tmp.open("wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-    return path
-
-
-def scp_value(utt_id: str, field: str, value: Any, shard_dir: Path) -> str:
-    """The text written after the id in ``<field>.scp`` (arrays become ``.npy`` paths)."""
-    if isinstance(value, (str, int, float, bool)):
-        text = str(value)
-    elif isinstance(value, Mapping):
-        text = json.dumps(value, ensure_ascii=False, sort_keys=True)
-    elif isinstance(value, (list, tuple)):
-        raise ContractError(
-            f"field {field!r} of {utt_id!r} is a top-level {type(value).__name__}; return one value per "
-            "field, an array, or a dict (saved as JSON)"
-        )
-    elif hasattr(value, "ndim") and hasattr(value, "shape"):
-        if getattr(value, "is_cuda", False):
-            raise ContractError(f"field {field!r} of {utt_id!r} is a CUDA tensor; move it to CPU (.cpu()) in forward")
-        if value.ndim == 0:
-            text = str(value.item())
-        else:
-            array = value.numpy() if hasattr(value, "numpy") else value
-            text = write_npy_atomic(array, shard_dir / field / f"{utt_id}.npy").resolve().as_posix()
-    elif hasattr(value, "item") and callable(value.item):
-        text = str(value.item())
-    else:
-        raise ContractError(
-            f"field {field!r} of {utt_id!r} has unsupported type {type(value).__name__}; "
-            "use str/int/float/bool, an array or tensor, or a dict"
-        )
-    if "\n" in text or "\r" in text:
-        raise ContractError(f"field {field!r} of {utt_id!r} contains a newline; scp values must be one line")
-    return text
+    if idx_key not in output:
+        raise ContractError(f"InferenceRunner result has no id key {idx_key!r} (keys: {sorted(map(str, output))})")
+    utt_id = check_utt_id(output[idx_key], idx_key)
+    missing = [k for k in required if k not in output]
+    if missing:
+        raise ContractError(f"result {utt_id!r} lacks output keys {missing} (keys: {sorted(map(str, output))})")
+    fields = list(required) or [k for k in output if k != idx_key]
+    prepared = [
+        (check_field_name(name), prepare_value(output[name], name, utt_id, artifacts.get(name))) for name in fields
+    ]
+    return utt_id, prepared
 
 
 class InferenceRunner(BaseRunner):
@@ -101,11 +186,15 @@ class InferenceRunner(BaseRunner):
     Args:
         provider: Provider of ``dataset`` and ``model`` (usually an InferenceProvider).
         idx_key: Output key holding the utterance id (first scp column).
-        output_keys: Fields to write; default every key but the id.
+        output_keys: Fields to write (each result must have them); default every key but the id.
         input_key: Dataset item key(s) fed to ``model`` by the default ``forward``.
         output_fn: Import path of ``output_fn(data=, model_output=, idx=)`` that
             turns model output into result dict(s).
         model_kwargs: Extra keyword arguments for the model call.
+        output_artifacts: Per field, how non-scalar values are written:
+            ``{"type": "npy"}`` (arrays' default), ``{"type": "wav", "sample_rate": 16000}``,
+            ``{"type": "json"}`` / ``{"type": "pickle"}``, or ``{"writer": "pkg.mod.func"}``
+            called as ``func(value, path_without_suffix, **other_keys)`` -> written path.
         **kwargs: BaseRunner arguments (``output_dir``, ``batch_size``, ...).
     """
 
@@ -117,15 +206,21 @@ class InferenceRunner(BaseRunner):
         input_key: Optional[Sequence[str] | str] = None,
         output_fn: Optional[str] = None,
         model_kwargs: Optional[Mapping[str, Any]] = None,
+        output_artifacts: Optional[Mapping[str, Mapping[str, Any]]] = None,
         **kwargs: Any,
     ):
         """Keep the output/input key settings."""
         super().__init__(provider, **kwargs)
+        if not isinstance(idx_key, str) or not idx_key:
+            raise ContractError(f"idx_key must be a non-empty string, got {idx_key!r}")
+        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+            raise ContractError(f"model_kwargs must be a mapping, got {type(model_kwargs).__name__}")
         self.idx_key = idx_key
-        self.output_keys = as_key_list(output_keys) or None
+        self.output_keys = [check_field_name(k) for k in as_key_list(output_keys)] or None
         self.input_key = input_key
         self.output_fn = output_fn
         self.model_kwargs = dict(model_kwargs or {})
+        self.output_artifacts = output_artifacts or None  # checked (and writers imported) by validate()
 
     def runner_kwargs(self) -> Dict[str, Any]:
         """Output/input settings, recorded in the plan."""
@@ -135,6 +230,7 @@ class InferenceRunner(BaseRunner):
             "input_key": self.input_key,
             "output_fn": self.output_fn,
             "model_kwargs": self.model_kwargs,
+            "output_artifacts": self.output_artifacts,
         }
 
     def runtime_env(self, env: Dict[str, Any]) -> Dict[str, Any]:
@@ -148,42 +244,44 @@ class InferenceRunner(BaseRunner):
             env.setdefault("output_fn_path", self.output_fn)
         if self.model_kwargs:
             env.setdefault("model_kwargs", self.model_kwargs)
+        if self.output_artifacts:
+            env.setdefault("output_artifacts", self.output_artifacts)
         return env
 
     def validate(self) -> None:
-        """Also resolve ``output_fn`` at plan time."""
+        """Also resolve ``output_fn`` and artifact writers, and require ``input_key`` for the default forward."""
         super().validate()
-        if self.output_fn is not None:
-            import_object(self.output_fn, "output_fn")
+        if self.output_fn is not None and not callable(import_object(self.output_fn, "output_fn")):
+            raise ContractError(f"output_fn {self.output_fn!r} is not callable")
+        resolve_artifact_configs(self.output_artifacts)
+        params = getattr(self.provider, "params", None) or {}
+        if type(self).forward is InferenceRunner.forward and self.input_key is None and "input_key" not in params:
+            raise ContractError(
+                f"{type(self).__name__} needs input_key (runner_kwargs or provider params): the dataset item "
+                "key(s) fed to the model"
+            )
 
     @staticmethod
     def forward(idx: Any, dataset: Any = None, model: Any = None, **env: Any) -> Any:
         """Feed ``dataset[idx][input_key]`` to ``model``; lists per key for a batch."""
-        input_key = env.get("input_key")
-        if input_key is None:
-            raise ContractError("InferenceRunner.forward needs input_key (runner option or provider param)")
-        keys = as_key_list(input_key)
-        output_fn = env.get("output_fn")
-        if output_fn is None and env.get("output_fn_path"):
-            output_fn = import_object(env["output_fn_path"], "output_fn")
-        model_kwargs = dict(env.get("model_kwargs") or {})
-        batched = isinstance(idx, (list, tuple))
-        data = [dataset[i] for i in idx] if batched else dataset[idx]
-        items = data if batched else [data]
-        for key in keys:
-            for item in items:
-                if key not in item:
-                    raise ContractError(f"input_key {key!r} not found in dataset item (keys: {sorted(item)})")
-        inputs = {key: [item[key] for item in items] if batched else data[key] for key in keys}
-        model_output = model(**inputs, **model_kwargs)
-        if output_fn is None:
-            return model_output
-        return output_fn(data=data, model_output=model_output, idx=list(idx) if batched else idx)
+        checked = _forward_env(env)
+        if isinstance(idx, (list, tuple)):
+            return forward_batch(list(idx), dataset, model, checked)
+        data = dataset[idx]
+        inputs = {key: values[0] for key, values in model_inputs([data], checked["keys"], [idx]).items()}
+        return _call_model(model, inputs, checked, data, idx)
 
     @staticmethod
-    def open_writers(shard_dir: Optional[Path], **env: Any) -> Dict[str, Any]:
-        """Lazily opened ``<field>.scp`` handles and the set of fields seen."""
-        return {"shard_dir": Path(shard_dir), "scp_handles": {}, "field_keys": []}
+    def open_writers(
+        shard_dir: Optional[Path], output_artifacts: Optional[Mapping[str, Any]] = None, **env: Any
+    ) -> Dict[str, Any]:
+        """Lazily opened ``<field>.scp`` handles, the fields seen, the resolved artifact writers."""
+        return {
+            "shard_dir": Path(shard_dir),
+            "artifacts": resolve_artifact_configs(output_artifacts),
+            "scp_handles": {},
+            "field_keys": [],
+        }
 
     @staticmethod
     def write_record(
@@ -194,28 +292,18 @@ class InferenceRunner(BaseRunner):
         output_keys: Optional[Sequence[str]] = None,
         **env: Any,
     ) -> None:
-        """Validate each output dict, then append ``<id> <value>`` to each field's scp."""
+        """Validate each output dict fully, write its artifacts, then append ``<id> <value>`` lines."""
         shard_dir = writers["shard_dir"]
         required = as_key_list(output_keys)
         for output in iter_outputs(result):
-            if not isinstance(output, Mapping):
-                raise ContractError(
-                    f"InferenceRunner result must be a dict (or a list of dicts), got {type(output).__name__}: {output!r:.80}"
-                )
-            if idx_key not in output:
-                raise ContractError(f"InferenceRunner result has no id key {idx_key!r} (keys: {sorted(output)})")
-            utt_id = check_utt_id(output[idx_key], idx_key)
-            missing = [k for k in required if k not in output]
-            if missing:
-                raise ContractError(f"result {utt_id!r} lacks output keys {missing} (keys: {sorted(output)})")
-            fields = required or [k for k in output if k != idx_key]
-            lines = {field: scp_value(utt_id, field, output[field], shard_dir) for field in fields}
-            for field, text in lines.items():
-                handle = writers["scp_handles"].get(field)
+            utt_id, prepared = prepare_record(output, idx_key, required, writers["artifacts"])
+            lines = [(name, write_prepared(value, shard_dir / name, utt_id)) for name, value in prepared]
+            for name, text in lines:
+                handle = writers["scp_handles"].get(name)
                 if handle is None:
-                    handle = (shard_dir / f"{field}.scp").open("w", encoding="utf-8")
-                    writers["scp_handles"][field] = handle
-                    writers["field_keys"].append(field)
+                    handle = (shard_dir / f"{name}.scp").open("w", encoding="utf-8")
+                    writers["scp_handles"][name] = handle
+                    writers["field_keys"].append(name)
                 handle.write(f"{utt_id} {text}\n")
 
     @staticmethod
@@ -224,27 +312,30 @@ class InferenceRunner(BaseRunner):
         for handle in writers["scp_handles"].values():
             handle.close()
         keys = writers["field_keys"]
-        (writers["shard_dir"] / FIELD_KEYS_NAME).write_text("".join(f"{k}\n" for k in keys), encoding="utf-8")
+        with atomic_path(writers["shard_dir"] / FIELD_KEYS_NAME) as tmp:
+            tmp.write_text("".join(f"{k}\n" for k in keys), encoding="utf-8")
         return {"field_keys": list(keys)}
 
-    def merge(self, shard_dirs: List[Path]) -> Dict[str, Any]:
+    def merge(self, shard_dirs: List[Path]) -> Dict[str, str]:
         """Concatenate each field's scp across shards into ``output_dir/shard_subdir``.
 
         Fields are the union of every shard's ``field_keys.txt`` in first-seen
-        order. An id that appears in two shards is an error.
+        order; a field's fragment is taken only from shards that list it. Every
+        field's ids are checked unique across shards before anything is written.
         """
+        shard_fields = [read_field_keys(Path(d)) for d in shard_dirs]
         fields: List[str] = []
-        for shard_dir in shard_dirs:
-            for key in (Path(shard_dir) / FIELD_KEYS_NAME).read_text(encoding="utf-8").split():
-                if key not in fields:
-                    fields.append(key)
+        for keys in shard_fields:
+            fields.extend(k for k in keys if k not in fields)
         if not fields:
             raise ContractError(f"no output fields in any shard of {self._root()}: forward returned nothing to write")
-        check_unique_ids(shard_dirs, fields[0])
+        sources = {field: [Path(d) for d, keys in zip(shard_dirs, shard_fields) if field in keys] for field in fields}
+        for field, dirs in sources.items():
+            check_unique_ids(dirs, field)
         outputs = {}
-        for field in fields:
+        for field, dirs in sources.items():
             out_path = self._root() / f"{field}.scp"
-            concatenate_shard_files(shard_dirs, f"{field}.scp", out_path)
+            concatenate_shard_files(dirs, f"{field}.scp", out_path)
             outputs[field] = str(out_path)
         return outputs
 
@@ -252,16 +343,34 @@ class InferenceRunner(BaseRunner):
         return self.output_dir / self.shard_subdir if self.shard_subdir else self.output_dir
 
 
+def read_field_keys(shard_dir: Path) -> List[str]:
+    """The fields a finished shard wrote (its ``field_keys.txt``)."""
+    path = shard_dir / FIELD_KEYS_NAME
+    try:
+        return path.read_text(encoding="utf-8").split()
+    except FileNotFoundError:
+        raise ContractError(
+            f"{path} is missing: the shard did not finish through InferenceRunner.close_writers"
+        ) from None
+
+
 def check_unique_ids(shard_dirs: Sequence[Path], field: str) -> None:
-    """Refuse an id that appears twice in ``<field>.scp`` across shards."""
-    seen: Dict[str, str] = {}
-    for shard_dir in shard_dirs:
-        path = Path(shard_dir) / f"{field}.scp"
-        if not path.exists():
-            continue
-        with path.open(encoding="utf-8") as f:
-            for line in f:
+    """Stream ``<field>.scp`` of each shard; refuse a missing fragment, a torn last line or a repeated id."""
+    seen: Dict[str, int] = {}  # id -> position of the shard it appeared in
+    for position, shard_dir in enumerate(shard_dirs):
+        path = shard_dir / f"{field}.scp"
+        try:
+            handle = path.open(encoding="utf-8", newline="\n")
+        except FileNotFoundError:
+            raise ContractError(f"{path} is missing although {shard_dir / FIELD_KEYS_NAME} lists {field!r}") from None
+        with handle:
+            for number, line in enumerate(handle, 1):
+                if not line.endswith("\n"):
+                    raise ContractError(f"{path}:{number}: last line has no newline (torn write); rerun that shard")
                 utt_id = line.split(" ", 1)[0].rstrip("\n")
-                if utt_id in seen:
-                    raise ContractError(f"id {utt_id!r} appears in both {seen[utt_id]} and {path}; ids must be unique")
-                seen[utt_id] = str(path)
+                first = seen.get(utt_id)
+                if first is not None:
+                    other = shard_dirs[first] / f"{field}.scp"
+                    where = f"twice in {path}" if first == position else f"in both {other} and {path}"
+                    raise ContractError(f"id {utt_id!r} appears {where}; ids must be unique")
+                seen[utt_id] = position

@@ -1,0 +1,436 @@
+"""InferenceRunner: options, output validation, artifacts, batched forward, merge."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import inference_toy as toy
+from espnet3_rules import ContractError, InferenceRunner
+from espnet3_rules.inference_runner import FIELD_KEYS_NAME, forward_batch, _WARNED_UNBATCHED
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_runner(tmp_path, n=5, model="EchoModel", **kwargs):
+    provider = toy.ToyProvider({"n": n, "model": model})
+    kwargs.setdefault("input_key", "speech")
+    return InferenceRunner(provider, output_dir=tmp_path / "out", **kwargs)
+
+
+def read_scp(path):
+    return [line.split(" ", 1) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def writers_for(tmp_path, output_artifacts=None):
+    shard_dir = tmp_path / "split.0"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    return InferenceRunner.open_writers(shard_dir, output_artifacts=output_artifacts)
+
+
+def write(writers, result, **env):
+    InferenceRunner.write_record(writers, result, {}, **env)
+    for handle in writers["scp_handles"].values():
+        handle.flush()
+
+
+# --------------------------------------------------------------- end to end
+def test_sharded_run_writes_every_value_kind_and_merges_in_order(tmp_path):
+    runner = make_runner(
+        tmp_path,
+        n=5,
+        n_shards=2,
+        batch_size=2,
+        input_key=["speech", "text"],
+        output_fn="inference_toy.output_fn",
+        model_kwargs={"scale": 2.0},
+    )
+    merged = runner(range(5))
+    root = tmp_path / "out"
+    assert list(merged) == ["hyp", "n", "feats", "meta"]
+    assert read_scp(merged["hyp"]) == [[f"utt{i}", f"WORD{i} TEXT"] for i in range(5)]
+    assert read_scp(root / "n.scp") == [[f"utt{i}", str(4 * (i + 1))] for i in range(5)]
+    items = toy.make_items(5)
+    for (utt_id, path), item in zip(read_scp(root / "feats.scp"), items):
+        assert Path(path).is_absolute() and Path(path).suffix == ".npy"
+        np.testing.assert_allclose(np.load(path), item["speech"] * 2.0)
+    utt_id, meta_path = read_scp(root / "meta.scp")[4]
+    assert meta_path.endswith("/split.1/meta/utt4.json")
+    assert json.loads(Path(meta_path).read_text(encoding="utf-8")) == {"idx": 4, "text": "word4 text"}
+    # batches [0,1] [2,3] [4] -> shards [[0,1],[2,3]] and [[4]]
+    assert (root / "split.1" / FIELD_KEYS_NAME).read_text() == "hyp\nn\nfeats\nmeta\n"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["spec"]["runner_kwargs"] == runner.runner_kwargs()
+    assert manifest["spec"]["runner_kwargs"]["model_kwargs"] == {"scale": 2.0}
+    assert not list(root.rglob(".*.tmp.*"))
+
+
+def test_output_keys_select_the_fields_written(tmp_path):
+    runner = make_runner(tmp_path, n=3, output_fn="inference_toy.id_output_fn", output_keys=["n"])
+    merged = runner(range(3))
+    assert list(merged) == ["n"]  # extra keys (feats, text) are not written
+    assert read_scp(merged["n"]) == [["utt0", "4"], ["utt1", "8"], ["utt2", "12"]]
+
+
+def test_plain_model_result_is_returned_as_is_with_model_kwargs():
+    class Model:
+        def __call__(self, speech, prefix):
+            return {"utt_id": f"{prefix}{len(speech)}", "len": len(speech)}
+
+    dataset = toy.make_items(2)
+    out = InferenceRunner.forward(1, dataset=dataset, model=Model(), input_key="speech", model_kwargs={"prefix": "u"})
+    assert out == {"utt_id": "u8", "len": 8}
+
+
+def test_nested_result_lists_are_flattened(tmp_path):
+    runner = make_runner(
+        tmp_path, n=4, batch_size=3, input_key=["speech", "text"], output_fn="inference_toy.output_fn_nested"
+    )
+    merged = runner(range(4))
+    assert [row[0] for row in read_scp(merged["hyp"])] == ["utt0", "utt1", "utt2", "utt3"]
+
+
+def test_missing_input_key_in_dataset_item_is_named(tmp_path):
+    with pytest.raises(ContractError, match=r"input_key 'audio' not found in dataset\[0\]"):
+        InferenceRunner.forward(0, dataset=toy.make_items(1), model=toy.EchoModel(), input_key="audio")
+
+
+# --------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "result, message",
+    [
+        ("just text", "must be a dict"),
+        ([{"utt_id": "a", "hyp": "x"}, 3], "must be a dict"),
+        ({"hyp": "x"}, "no id key 'utt_id'"),
+        ({"utt_id": ["a", "b"], "hyp": "x"}, "must be a single value"),
+        ({"utt_id": "", "hyp": "x"}, "not a safe id"),
+        ({"utt_id": ".", "hyp": "x"}, "not a safe id"),
+        ({"utt_id": "..", "hyp": "x"}, "not a safe id"),
+        ({"utt_id": "a b", "hyp": "x"}, "whitespace"),
+        ({"utt_id": "a\tb", "hyp": "x"}, "whitespace"),
+        ({"utt_id": "../a", "hyp": "x"}, "'/'"),
+        ({"utt_id": "a\\b", "hyp": "x"}, "'/'"),
+        ({"utt_id": 1.5, "hyp": "x"}, "str or int id"),
+        ({"utt_id": "a", "hyp": ["x", "y"]}, "top-level list"),
+        ({"utt_id": "a", "hyp": ("x",)}, "top-level tuple"),
+        ({"utt_id": "a", "hyp": "two\nlines"}, "newline"),
+        ({"utt_id": "a", "hyp": "cr\rhere"}, "newline"),
+        ({"utt_id": "a", "hyp": "bad \udcff byte"}, "not valid UTF-8"),
+        ({"utt_id": "a", "hyp": None}, "is None"),
+        ({"utt_id": "a", "hyp": b"raw"}, "is bytes"),
+        ({"utt_id": "a", "done": "x"}, "reserved"),
+        ({"utt_id": "a", "x y": "x"}, "cannot name"),
+        ({"utt_id": "a", "obj": np.array([object()])}, "object-dtype"),
+        ({"utt_id": "a", "meta": {"k": {1, 2}}}, "cannot be saved as JSON"),
+    ],
+)
+def test_bad_results_are_refused_with_one_clear_error(tmp_path, result, message):
+    writers = writers_for(tmp_path)
+    with pytest.raises(ContractError, match=message):
+        write(writers, result)
+
+
+def test_missing_required_output_keys_are_named_and_extra_keys_allowed(tmp_path):
+    writers = writers_for(tmp_path)
+    with pytest.raises(ContractError, match=r"'a' lacks output keys \['ref'\]"):
+        write(writers, {"utt_id": "a", "hyp": "x", "score": 1}, output_keys=["hyp", "ref"])
+    write(writers, {"utt_id": "b", "hyp": "x", "ref": "y", "score": 1}, output_keys=["hyp", "ref"])
+    assert writers["field_keys"] == ["hyp", "ref"]
+
+
+def test_a_refused_record_writes_nothing(tmp_path):
+    writers = writers_for(tmp_path)
+    write(writers, {"utt_id": "ok", "hyp": "x"})
+    with pytest.raises(ContractError, match="newline"):
+        write(writers, {"utt_id": "bad", "feats": np.ones(3), "meta": {"a": 1}, "hyp": "a\nb"})
+    shard_dir = writers["shard_dir"]
+    assert not (shard_dir / "feats").exists() and not (shard_dir / "meta").exists()
+    assert (shard_dir / "hyp.scp").read_text() == "ok x\n"
+    assert writers["field_keys"] == ["hyp"]
+
+
+def test_scalars_inline_and_zero_d_values_use_item(tmp_path):
+    torch = pytest.importorskip("torch")
+    writers = writers_for(tmp_path)
+    write(
+        writers,
+        {
+            "utt_id": np.int64(7),
+            "i": 3,
+            "f": 0.25,
+            "b": True,
+            "np0": np.array(1.5),
+            "npf": np.float32(2.0),
+            "t0": torch.tensor(4),
+            "tf": torch.tensor(0.5),
+            "empty": "",
+        },
+    )
+    lines = {name: (writers["shard_dir"] / f"{name}.scp").read_text() for name in writers["field_keys"]}
+    assert lines == {
+        "i": "7 3\n",
+        "f": "7 0.25\n",
+        "b": "7 True\n",
+        "np0": "7 1.5\n",
+        "npf": "7 2.0\n",
+        "t0": "7 4\n",
+        "tf": "7 0.5\n",
+        "empty": "7 \n",
+    }
+
+
+def test_tensors_become_npy_and_non_cpu_tensors_are_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    writers = writers_for(tmp_path)
+    write(writers, {"utt_id": "a", "emb": torch.arange(6, dtype=torch.float32).reshape(2, 3).requires_grad_()})
+    path = read_scp(writers["shard_dir"] / "emb.scp")[0][1]
+    np.testing.assert_array_equal(np.load(path), np.arange(6, dtype=np.float32).reshape(2, 3))
+    with pytest.raises(ContractError, match=r"tensor on meta.*move it to CPU"):
+        write(writers, {"utt_id": "b", "emb": torch.empty(3, device="meta")})
+
+
+def test_segments_list_of_dicts_is_one_json_document(tmp_path):
+    writers = writers_for(tmp_path)
+    segments = [{"start": 0.0, "end": 1.0, "text": "hi"}]
+    write(writers, {"utt_id": "a", "segments": segments})
+    write(writers, {"utt_id": "b", "segments": []})
+    rows = read_scp(writers["shard_dir"] / "segments.scp")
+    assert json.loads(Path(rows[0][1]).read_text()) == {"segments": segments}
+    assert json.loads(Path(rows[1][1]).read_text()) == {"segments": []}
+
+
+def test_other_objects_are_pickled(tmp_path):
+    import pickle
+
+    writers = writers_for(tmp_path)
+    write(writers, {"utt_id": "a", "obj": {1, 2, 3}})
+    path = read_scp(writers["shard_dir"] / "obj.scp")[0][1]
+    assert path.endswith("/obj/a.pkl")
+    assert pickle.loads(Path(path).read_bytes()) == {1, 2, 3}
+
+
+# ---------------------------------------------------------------- artifacts
+def test_wav_artifacts_are_pcm16_at_the_configured_rate(tmp_path):
+    writers = writers_for(
+        tmp_path, {"audio": {"type": "wav", "sample_rate": 8000}, "pcm": {"type": "wav", "sample_rate": 16000}}
+    )
+    wave_in = np.array([0.0, 0.5, -0.5, 1.0, -1.5], dtype=np.float32)
+    stereo = np.array([[1, -1], [2, -2], [3, -3]], dtype=np.int16)
+    write(writers, {"utt_id": "a", "audio": wave_in, "pcm": stereo})
+    path = read_scp(writers["shard_dir"] / "audio.scp")[0][1]
+    assert path.endswith("/audio/a.wav")
+    with wave.open(path) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 8000)
+        samples = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    np.testing.assert_array_equal(samples, [0, 16384, -16384, 32767, -32767])
+    with wave.open(read_scp(writers["shard_dir"] / "pcm.scp")[0][1]) as w:
+        assert (w.getnchannels(), w.getframerate()) == (2, 16000)
+        np.testing.assert_array_equal(np.frombuffer(w.readframes(3), dtype="<i2").reshape(3, 2), stereo)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (np.zeros((2, 100), dtype=np.float32), "channels-first"),
+        (np.array([0.1, np.nan]), "NaN"),
+        (np.array([1, 2], dtype=np.int32), "dtype int32"),
+        ({"a": 1}, "for arrays"),
+    ],
+)
+def test_wav_refuses_values_it_cannot_hold(tmp_path, value, message):
+    writers = writers_for(tmp_path, {"audio": {"type": "wav", "sample_rate": 8000}})
+    with pytest.raises(ContractError, match=message):
+        write(writers, {"utt_id": "a", "audio": value})
+
+
+def test_custom_writer_gets_path_without_suffix_and_options(tmp_path):
+    writers = writers_for(tmp_path, {"feats": {"writer": "inference_toy.text_writer", "suffix": ".csv"}})
+    write(writers, {"utt_id": "a", "feats": np.array([0.5, 1.0])})
+    path = read_scp(writers["shard_dir"] / "feats.scp")[0][1]
+    assert path == (writers["shard_dir"] / "feats" / "a.csv").resolve().as_posix()
+    assert Path(path).read_text() == "0.500\n1.000\n"
+
+
+def test_custom_writer_must_return_an_existing_file(tmp_path):
+    writers = writers_for(tmp_path, {"feats": {"writer": "inference_toy.bad_writer"}})
+    with pytest.raises(ContractError, match="bad_writer returned .*not an existing file"):
+        write(writers, {"utt_id": "a", "feats": np.ones(2)})
+
+
+def test_artifacts_are_written_atomically(tmp_path, monkeypatch):
+    writers = writers_for(tmp_path)
+    write(writers, {"utt_id": "a", "feats": np.ones(2)})
+
+    def torn_save(f, array, allow_pickle=False):
+        f.write(b"\x93NUMPY partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        write(writers, {"utt_id": "b", "feats": np.ones(2)})
+    assert sorted(p.name for p in (writers["shard_dir"] / "feats").iterdir()) == ["a.npy"]
+
+
+@pytest.mark.parametrize(
+    "artifacts, message",
+    [
+        ({"audio": {"type": "wav"}}, "needs sample_rate"),
+        ({"audio": {"type": "wav", "sample_rate": 0}}, "needs sample_rate"),
+        ({"audio": {"type": "flac"}}, "type must be one of"),
+        ({"audio": {"type": "npy", "sample_rate": 8000}}, "unknown option"),
+        ({"audio": {"writer": "inference_toy.no_such_writer"}}, "has no attribute 'no_such_writer'"),
+        ({"audio": {"writer": "inference_toy.EchoModel.calls"}}, "has no attribute"),
+        ({"audio": {"writer": "inference_toy.text_writer", "type": "npy"}}, "not both"),
+        ({"audio": "wav"}, "must be a mapping"),
+        ({"../x": {"type": "npy"}}, "cannot name"),
+    ],
+)
+def test_output_artifacts_are_checked_at_plan_time(tmp_path, artifacts, message):
+    runner = make_runner(tmp_path, output_artifacts=artifacts)
+    with pytest.raises(ContractError, match=message):
+        runner.plan(range(5))
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_time_checks_output_fn_and_input_key(tmp_path):
+    with pytest.raises(ContractError, match="no attribute 'nope'"):
+        make_runner(tmp_path, output_fn="inference_toy.nope").plan(range(5))
+    with pytest.raises(ContractError, match="needs input_key"):
+        make_runner(tmp_path, input_key=None).plan(range(5))
+    with pytest.raises(ContractError, match="model_kwargs must be a mapping"):
+        make_runner(tmp_path, model_kwargs=["scale"])
+    provider = toy.ToyProvider({"n": 2}, params={"input_key": "speech"})
+    InferenceRunner(provider, output_dir=tmp_path / "p").plan(range(2))  # input_key from params is enough
+
+
+# ---------------------------------------------------------------- batching
+def forward_env(output_fn=toy.id_output_fn):
+    return {"keys": ["speech"], "output_fn": output_fn, "model_kwargs": {}}
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        MemoryError("Unable to allocate 3.0 GiB"),
+    ],
+)
+def test_out_of_memory_batch_names_items_and_lengths(error, monkeypatch):
+    monkeypatch.setattr(toy.OOMModel, "error", error)
+    with pytest.raises(ContractError) as info:
+        forward_batch([1, 2], toy.make_items(3), toy.OOMModel(), forward_env())
+    message = str(info.value)
+    assert "dataset indices [1, 2]" in message and "'speech': [8, 12]" in message
+    assert "lower batch_size below 2" in message
+
+
+def test_torch_out_of_memory_error_is_recognized(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(toy.OOMModel, "error", torch.cuda.OutOfMemoryError("allocator failed"))
+    with pytest.raises(ContractError, match="ran out of memory"):
+        forward_batch([0, 1], toy.make_items(2), toy.OOMModel(), forward_env())
+
+
+def test_batch_error_retries_items_one_at_a_time_and_warns_once_per_model(tmp_path, caplog):
+    _WARNED_UNBATCHED.discard("inference_toy.NoBatchModel")
+    toy.NoBatchModel.calls = 0
+    runner = make_runner(tmp_path, n=5, model="NoBatchModel", batch_size=2, output_fn="inference_toy.id_output_fn")
+    with caplog.at_level(logging.WARNING, logger="espnet3_rules.inference_runner"):
+        merged = runner(range(5))
+    assert read_scp(merged["n"]) == [[f"utt{i}", str(4 * (i + 1))] for i in range(5)]
+    assert toy.NoBatchModel.calls == 3 + 5  # three failed batches, five single items
+    warnings = [r for r in caplog.records if "did not accept a batch" in r.getMessage()]
+    assert len(warnings) == 1 and "inference_toy.NoBatchModel" in warnings[0].getMessage()
+
+
+def test_item_that_fails_alone_too_is_named():
+    with pytest.raises(ContractError) as info:
+        forward_batch([0, 1, 2], toy.make_items(3), toy.FailsOnLongModel(), forward_env())
+    message = str(info.value)
+    assert "batch [0, 1, 2] failed (ValueError: no batches)" in message
+    assert "dataset[2] alone failed too (ValueError: too long: 12)" in message
+
+
+# -------------------------------------------------------------------- merge
+def test_merge_unions_fields_in_first_seen_order_taking_only_listing_shards(tmp_path):
+    runner = make_runner(
+        tmp_path, n=4, n_shards=4, input_key=["speech", "text"], output_fn="inference_toy.output_fn_sparse"
+    )
+    root = tmp_path / "out"
+    runner(range(4))
+    # a stale fragment from an earlier run, in a shard that no longer lists the field
+    (root / "split.1" / "extra.scp").write_text("stale x\n")
+    merged = runner.merge([root / f"split.{i}" for i in range(4)])
+    assert list(merged) == ["hyp", "extra"]
+    assert read_scp(merged["extra"]) == [["utt0", "e0"], ["utt2", "e2"]]
+    assert [r[0] for r in read_scp(merged["hyp"])] == ["utt0", "utt1", "utt2", "utt3"]
+
+
+def make_shards(tmp_path, shards):
+    dirs = []
+    for i, fields in enumerate(shards):
+        shard_dir = tmp_path / "out" / f"split.{i}"
+        shard_dir.mkdir(parents=True)
+        for name, text in fields.items():
+            (shard_dir / f"{name}.scp").write_text(text)
+        (shard_dir / FIELD_KEYS_NAME).write_text("".join(f"{k}\n" for k in fields))
+        dirs.append(shard_dir)
+    return dirs
+
+
+@pytest.mark.parametrize(
+    "shards, message",
+    [
+        (
+            [{"hyp": "a x\n", "score": "a 1\n"}, {"hyp": "b y\n", "score": "a 2\n"}],
+            r"'a' appears in both .*split.0/score.scp and .*split.1/score.scp",
+        ),
+        ([{"hyp": "a x\na y\n"}], r"'a' appears twice in .*split.0/hyp.scp"),
+        ([{"hyp": "a x\nb y"}], r"hyp.scp:2: last line has no newline"),
+        ([{}, {}], "no output fields"),
+    ],
+)
+def test_merge_refuses_duplicate_ids_torn_fragments_and_empty_output(tmp_path, shards, message):
+    runner = make_runner(tmp_path)
+    dirs = make_shards(tmp_path, shards)
+    with pytest.raises(ContractError, match=message):
+        runner.merge(dirs)
+    assert not (tmp_path / "out" / "hyp.scp").exists()
+
+
+def test_merge_refuses_missing_fragment_and_missing_field_keys(tmp_path):
+    runner = make_runner(tmp_path)
+    dirs = make_shards(tmp_path, [{"hyp": "a x\n"}])
+    (dirs[0] / "hyp.scp").unlink()
+    with pytest.raises(ContractError, match="hyp.scp is missing although"):
+        runner.merge(dirs)
+    (dirs[0] / FIELD_KEYS_NAME).unlink()
+    with pytest.raises(ContractError, match="field_keys.txt is missing"):
+        runner.merge(dirs)
+
+
+# ------------------------------------------------------------ optional deps
+def test_core_imports_and_writes_text_without_torch_numpy_jiwer(tmp_path):
+    code = f"""
+import sys
+for name in ("torch", "numpy", "jiwer"):
+    sys.modules[name] = None
+from pathlib import Path
+import espnet3_rules, espnet3_rules.metrics, espnet3_rules.artifacts
+from espnet3_rules import InferenceRunner
+w = InferenceRunner.open_writers(Path({str(tmp_path)!r}))
+InferenceRunner.write_record(w, {{"utt_id": "a", "hyp": "x", "meta": {{"k": 1}}}}, {{}})
+InferenceRunner.close_writers(w)
+print(Path({str(tmp_path)!r}, "hyp.scp").read_text(), end="")
+"""
+    env = {"PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "a x\n"
