@@ -26,6 +26,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/plan.smk"
 include: "workflow/rules/shard.smk"
 include: "workflow/rules/merge.smk"
+include: "workflow/rules/measure.smk"
 
 
 rule all:

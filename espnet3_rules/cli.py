@@ -90,6 +90,25 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_measure(args: argparse.Namespace) -> int:
+    import json
+
+    from .jobs import measure_job
+
+    spec = json.loads(args.spec_json)
+    results = measure_job(spec)
+    for metric, per_test in results.items():
+        print(f"{metric}: " + ", ".join(f"{test}={_headline(value)}" for test, value in per_test.items()))
+    print(f"wrote {spec['output']}")
+    return 0
+
+
+def _headline(result):
+    """The first number of a metric result (e.g. WER), for the one-line summary."""
+    numbers = [v for v in result.values() if isinstance(v, (int, float))] if isinstance(result, dict) else []
+    return numbers[0] if numbers else result
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .merge import pending_shards
 
@@ -108,10 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         "run-shard": (cmd_run_shard, "run one shard of a planned job"),
         "merge": (cmd_merge, "merge the shards of a planned job"),
         "status": (cmd_status, "list done and pending shards (exit 3 if any pending)"),
+        "measure": (cmd_measure, "score a job's merged test sets into <output_dir>/metrics.json"),
     }
     for name, (func, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(func=func)
+        if name == "measure":
+            p.add_argument("--spec-json", required=True, help="the job's measure spec (what the rule passes)")
+            continue
         p.add_argument("--config", help="YAML config file (with --job)")
         p.add_argument("--job", help="job name in the config")
         if name == "plan":

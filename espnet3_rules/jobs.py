@@ -33,6 +33,7 @@ class Unit:
     params: Dict[str, Any] = field(default_factory=dict)
     runner_kwargs: Dict[str, Any] = field(default_factory=dict)
     items: Optional[int] = None
+    test_set: Optional[str] = None
     inputs: List[str] = field(default_factory=list)
     resources: Dict[str, Any] = field(default_factory=dict)
 
@@ -76,20 +77,102 @@ def check_config(config: Mapping[str, Any], schema_path: Any, source: str = "con
         raise ContractError(f"{source}: {where}: {error.message}")
 
 
+TEST_SET_KEYS = ("provider_config", "params", "items", "inputs")
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> Dict[str, Any]:
+    """``base`` updated by ``override``, recursing into nested mappings."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def units_of_job(name: str, job: Mapping[str, Any]) -> List[Unit]:
+    """The units of one job: itself, or one per entry of its ``test_sets``.
+
+    A test set shares the job's settings, with its own ``shard_subdir``
+    (``<shard_subdir>/<test set>``) and its own ``provider_config`` (merged
+    over the job's), ``params``, ``items`` and ``inputs``.
+    """
+    base = {k: v for k, v in job.items() if v is not None and k not in ("test_sets", "measure")}
+    test_sets = job.get("test_sets") or []
+    if not test_sets:
+        return [Unit(job=name, **base)]
+    names = [test_set["name"] for test_set in test_sets]
+    for test_name in names:
+        if not test_name or names.count(test_name) > 1:
+            raise ContractError(f"jobs.{name}.test_sets: name {test_name!r} is empty or appears twice")
+    units = []
+    for test_set in test_sets:
+        test_name = test_set["name"]
+        fields = dict(base, test_set=test_name)
+        fields["shard_subdir"] = f"{base['shard_subdir']}/{test_name}" if base.get("shard_subdir") else test_name
+        fields["provider_config"] = deep_merge(base.get("provider_config") or {}, test_set.get("provider_config") or {})
+        fields["params"] = {**(base.get("params") or {}), **(test_set.get("params") or {})}
+        for key in ("items", "inputs"):
+            if test_set.get(key) is not None:
+                fields[key] = test_set[key]
+        units.append(Unit(job=name, **fields))
+    return units
+
+
 def units_from_config(config: Mapping[str, Any]) -> Dict[str, Unit]:
     """Build every unit of a (schema-validated) config, keyed by its root directory."""
     units: Dict[str, Unit] = {}
     for job_name, job in (config.get("jobs") or {}).items():
-        unit = Unit(job=job_name, **{k: v for k, v in dict(job).items() if v is not None})
-        if unit.root in units:
-            raise ContractError(
-                f"jobs.{job_name}: output_dir/shard_subdir {unit.root!r} is also used by job "
-                f"{units[unit.root].job!r}; give each job its own directory"
-            )
-        units[unit.root] = unit
+        for unit in units_of_job(job_name, job):
+            if unit.root in units:
+                raise ContractError(
+                    f"jobs.{job_name}: output_dir/shard_subdir {unit.root!r} is also used by job "
+                    f"{units[unit.root].job!r}; give each job its own directory"
+                )
+            units[unit.root] = unit
     if not units:
         raise ContractError("config has no jobs: add at least one entry under 'jobs'")
     return units
+
+
+def measure_specs(config: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Per ``<output_dir>/metrics.json``: the ``measure`` section of its job and the job's units."""
+    specs: Dict[str, Dict[str, Any]] = {}
+    for job_name, job in (config.get("jobs") or {}).items():
+        if not job.get("measure"):
+            continue
+        units = units_of_job(job_name, job)
+        if any(unit.test_set is None for unit in units) and not job.get("shard_subdir"):
+            raise ContractError(f"jobs.{job_name}.measure needs test_sets (or a shard_subdir) to name the test set")
+        path = (Path(job["output_dir"]) / "metrics.json").as_posix()
+        if path in specs:
+            raise ContractError(f"jobs.{job_name}.measure: {path} is also written by job {specs[path]['job']!r}")
+        specs[path] = {
+            "job": job_name,
+            "output": path,
+            "measure": dict(job["measure"]),
+            "units": [unit.plan_inputs() for unit in units],
+        }
+    return specs
+
+
+def measure_job(spec: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Score every test set of one job (a :func:`measure_specs` entry) into its ``metrics.json``."""
+    from .metrics import measure, provider_dataset_source
+
+    units = [Unit(**fields) for fields in spec["units"]]
+    section = spec["measure"]
+    inference_dir = Path(units[0].root).parent
+    return measure(
+        section["metrics"],
+        inference_dir,
+        test_sets=[Path(unit.root).name for unit in units],
+        datasets={Path(unit.root).name: provider_dataset_source(build_provider(unit)) for unit in units},
+        idx_key=section.get("idx_key") or "utt_id",
+        dataset_artifacts=section.get("dataset_artifacts"),
+        output_path=spec["output"],
+    )
 
 
 def unit_from_config(config: Mapping[str, Any], job: str) -> Unit:

@@ -19,7 +19,6 @@ from espnet3_rules.metrics import (
     error_counts,
     export_dataset_column,
     measure,
-    measure_from_config,
     read_scp,
 )
 
@@ -257,36 +256,50 @@ def test_measure_refuses_missing_or_no_test_sets(tmp_path):
         measure([WER_CFG], tmp_path / "missing")
 
 
-# ----------------------------------------------------- measure_from_config
-def workflow_config(tmp_path, shard_subdir="test_a"):
-    return {
-        "jobs": {
-            "decode_a": {
-                "runner": "espnet3_rules.InferenceRunner",
-                "provider": "inference_toy.ToyProvider",
-                "provider_config": {"n": 3},
-                "runner_kwargs": {"input_key": "speech", "output_fn": "inference_toy.asr_output_fn"},
-                "output_dir": str(tmp_path / "exp"),
-                "shard_subdir": shard_subdir,
-                "n_shards": 2,
-            }
-        },
-        "measure": {"inference_dir": str(tmp_path / "exp"), "test_sets": {"test_a": "decode_a"}, "metrics": [WER_CFG]},
+# ------------------------------------------------ job-level measure (jobs.py)
+def workflow_config(tmp_path, test_sets=("test_a", "test_b"), **job_extra):
+    job = {
+        "runner": "espnet3_rules.InferenceRunner",
+        "provider": "inference_toy.ToyProvider",
+        "provider_config": {"n": 3},
+        "runner_kwargs": {"input_key": "speech", "output_fn": "inference_toy.asr_output_fn"},
+        "output_dir": str(tmp_path / "exp"),
+        "n_shards": 2,
+        "measure": {"metrics": [WER_CFG]},
+        **job_extra,
     }
+    if test_sets:
+        job["test_sets"] = [{"name": name} for name in test_sets]
+    return {"jobs": {"decode": job}}
 
 
-def test_measure_from_config_reads_references_through_the_job_provider(tmp_path):
-    from espnet3_rules.jobs import build_runner, unit_from_config
+def test_measure_job_reads_references_through_each_test_sets_provider(tmp_path):
+    from espnet3_rules.jobs import build_runner, measure_job, measure_specs, units_from_config
 
     config = workflow_config(tmp_path)
-    build_runner(unit_from_config(config, "decode_a"))(range(3))
-    results = measure_from_config(config)
+    for unit in units_from_config(config).values():
+        build_runner(unit)(range(3))
+    (spec,) = measure_specs(config).values()
+    assert spec["output"] == (tmp_path / "exp" / "metrics.json").as_posix()
+    results = measure_job(spec)
     # refs "word0 text", "word1 text", "word2 text"; utt1's hypothesis lost "text": 1 deletion of 6 words
+    assert sorted(results["espnet3_rules.metrics.WER"]) == ["test_a", "test_b"]
     assert results["espnet3_rules.metrics.WER"]["test_a"]["WER"] == 16.67
+    assert json.loads((tmp_path / "exp" / "metrics.json").read_text()) == results
     stamp = json.loads((tmp_path / "exp" / "test_a" / "dataset" / "text.source.json").read_text())
     assert stamp["identity"]["provider"] == "inference_toy.ToyProvider"
 
 
-def test_measure_from_config_refuses_a_job_outside_inference_dir(tmp_path):
-    with pytest.raises(ContractError, match="job 'decode_a' writes to .*/exp/other, not .*/exp/test_a"):
-        measure_from_config(workflow_config(tmp_path, shard_subdir="other"))
+def test_measure_needs_named_test_sets(tmp_path):
+    from espnet3_rules.jobs import measure_specs
+
+    with pytest.raises(ContractError, match="jobs.decode.measure needs test_sets"):
+        measure_specs(workflow_config(tmp_path, test_sets=()))
+
+
+@pytest.mark.parametrize("names", [("a", "a"), ("a", "")])
+def test_duplicate_or_empty_test_set_names_are_refused(tmp_path, names):
+    from espnet3_rules.jobs import units_from_config
+
+    with pytest.raises(ContractError, match="jobs.decode.test_sets: name .* is empty or appears twice"):
+        units_from_config(workflow_config(tmp_path, test_sets=names))

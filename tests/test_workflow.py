@@ -1,5 +1,6 @@
 """Integration tests: the real Snakemake CLI on the project's Snakefile in temp dirs."""
 
+import json
 import os
 import re
 import subprocess
@@ -164,3 +165,23 @@ def test_contract_errors_fail_the_dry_run(wf, change, message):
     code, out = wf.snakemake("-n", check=False)
     assert code != 0
     assert message in out
+
+
+def test_default_config_runs_end_to_end_with_two_test_sets_and_metrics(wf):
+    """The shipped config/config.yaml (README command 1), in a temp working directory."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    (wf.path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    wf.snakemake("--cores", "2")
+    metrics = json.loads((wf.path / "results/tone_asr/decode/metrics.json").read_text())
+    assert set(metrics) == {"espnet3_rules.metrics.WER", "espnet3_rules.metrics.CER"}
+    for per_test in metrics.values():
+        assert set(per_test) == {"tone_dev", "tone_test"}
+    wer = metrics["espnet3_rules.metrics.WER"]["tone_test"]
+    assert wer["utterances"] == 40 and wer["missing_hyp"] == 0
+    assert 0 <= wer["WER"] < 10, "the constructed recogniser must decode the synthetic set well"
+    for test in ("tone_dev", "tone_test"):
+        assert (wf.path / f"results/tone_asr/decode/{test}/hyp.scp").exists()
+        assert (wf.path / f"results/tone_asr/decode/{test}/dataset/text.scp").exists()
+    assert (wf.path / "results/tone_asr/stats/feats_stats.npz").exists()
+    _, out = wf.snakemake("--cores", "2")
+    assert "Nothing to be done" in out

@@ -1,7 +1,8 @@
+import json
 import re
 import sys
 
-from espnet3_rules.jobs import describe_unit, units_from_config
+from espnet3_rules.jobs import Unit, describe_unit, measure_specs, units_from_config
 
 # One unit per job: <output_dir>/<shard_subdir> holds manifest.json, split.N/, merge.done.
 UNITS = units_from_config(config)
@@ -28,6 +29,11 @@ def shard_done_files(wildcards):
     return [f"{unit.root}/split.{i}/done" for i in range(unit.n_shards)]
 
 
+def measure_of(wildcards):
+    """The measure spec a job's {metrics_dir} wildcard names."""
+    return MEASURES[f"{wildcards.metrics_dir}/metrics.json"]
+
+
 def shard_resource(name):
     """Per-shard resource ``name`` of the job, from its ``resources:`` config."""
     return lambda wildcards: unit_of(wildcards).shard_resources()[name]
@@ -44,4 +50,4 @@ def all_targets():
     for unit in UNITS.values():
         targets += [f"{unit.root}/split.{i}/done" for i in range(unit.n_shards)]
         targets.append(f"{unit.root}/merge.done")
-    return targets
+    return targets + list(MEASURES)

@@ -1,0 +1,25 @@
+MEASURES = measure_specs(config)
+
+
+wildcard_constraints:
+    metrics_dir="|".join(re.escape(path[: -len("/metrics.json")]) for path in MEASURES) or "(?!)",
+
+
+localrules:
+    measure,
+
+
+rule measure:
+    """Metrics (e.g. WER/CER) over every merged test set of a job -> <output_dir>/metrics.json."""
+    input:
+        lambda w: [f"{Unit(**u).root}/merge.done" for u in measure_of(w)["units"]],
+    output:
+        "{metrics_dir}/metrics.json",
+    params:
+        spec=lambda w: json.dumps(measure_of(w), sort_keys=True),
+    conda:
+        "../../environment.yml"
+    log:
+        "{metrics_dir}/logs/measure.log",
+    shell:
+        "python -m espnet3_rules measure --spec-json {params.spec:q} > {log:q} 2>&1"
