@@ -15,7 +15,18 @@ from typing import Any, Dict, List, Mapping, Optional
 from .contracts import ContractError, check_setup_fn, import_object
 from .plan import ShardPlan
 
-DEFAULT_RESOURCES = {"threads": 1, "mem_mb": 2000, "runtime": 60, "gpu": 0}
+DEFAULT_RESOURCES = {
+    "threads": 1,
+    "mem_mb": 2000,
+    "runtime": 60,
+    "gpu": 0,
+    "gpu_model": "",
+    "slurm_partition": "",
+    "slurm_account": "",
+    "slurm_extra": "",
+    "attempt_scale": 1.5,
+}
+GROWING_RESOURCES = ("mem_mb", "runtime")
 
 
 @dataclass
@@ -59,9 +70,14 @@ class Unit:
         """Inverse of :meth:`to_json`."""
         return cls(**json.loads(text))
 
-    def shard_resources(self) -> Dict[str, Any]:
-        """Per-shard resources with defaults filled in."""
-        return {**DEFAULT_RESOURCES, **self.resources}
+    def shard_resource(self, name: str, attempt: int = 1) -> Any:
+        """Per-shard resource ``name`` (defaults filled in); ``mem_mb`` and ``runtime``
+        grow by ``attempt_scale`` on each retry of a failed shard."""
+        resources = {**DEFAULT_RESOURCES, **self.resources}
+        value = resources[name]
+        if name in GROWING_RESOURCES:
+            value = int(round(value * resources["attempt_scale"] ** (attempt - 1)))
+        return value
 
 
 def check_config(config: Mapping[str, Any], schema_path: Any, source: str = "config") -> None:
@@ -137,7 +153,7 @@ def units_from_config(config: Mapping[str, Any]) -> Dict[str, Unit]:
 
 
 def measure_specs(config: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """Per ``<output_dir>/metrics.json``: the ``measure`` section of its job and the job's units."""
+    """Per job output_dir (holding ``metrics.json``): the job's ``measure`` section and its units."""
     specs: Dict[str, Dict[str, Any]] = {}
     for job_name, job in (config.get("jobs") or {}).items():
         if not job.get("measure"):
@@ -145,12 +161,14 @@ def measure_specs(config: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
         units = units_of_job(job_name, job)
         if any(unit.test_set is None for unit in units) and not job.get("shard_subdir"):
             raise ContractError(f"jobs.{job_name}.measure needs test_sets (or a shard_subdir) to name the test set")
-        path = (Path(job["output_dir"]) / "metrics.json").as_posix()
-        if path in specs:
-            raise ContractError(f"jobs.{job_name}.measure: {path} is also written by job {specs[path]['job']!r}")
-        specs[path] = {
+        metrics_dir = Path(job["output_dir"]).as_posix()
+        if metrics_dir in specs:
+            raise ContractError(
+                f"jobs.{job_name}.measure: {metrics_dir}/metrics.json is also written by job {specs[metrics_dir]['job']!r}"
+            )
+        specs[metrics_dir] = {
             "job": job_name,
-            "output": path,
+            "output": f"{metrics_dir}/metrics.json",
             "measure": dict(job["measure"]),
             "units": [unit.plan_inputs() for unit in units],
         }

@@ -39,11 +39,16 @@ class Workflow:
     def write_config(self, jobs):
         (self.path / "config.yaml").write_text(yaml.safe_dump({"jobs": jobs}), encoding="utf-8")
 
-    def snakemake(self, *args, check=True):
+    def command(self, *args):
+        """The snakemake command line and environment (run from the repo root, so ``--profile slurm`` resolves)."""
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]))
         cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(self.path),
                "--configfile", str(self.path / "config.yaml"), *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        return cmd, env
+
+    def snakemake(self, *args, check=True):
+        cmd, env = self.command(*args)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
         out = proc.stdout + proc.stderr
         if check and proc.returncode != 0:
             raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{out}")

@@ -1,10 +1,15 @@
 """Toy provider/runner used by the workflow tests (imported by the snakemake subprocesses).
 
-A shard fails on purpose when ``<poison_dir>/<item>`` exists, so a test can make
-one shard fail without touching the config (which would change the plan).
+A shard fails on purpose when ``<poison_dir>/<item>`` exists, and holds (waits) on
+an item while ``<poison_dir>/hold.<item>`` exists, so a test can make one shard
+fail or stay running without touching the config (which would change the plan).
 """
 
+import os
+import time
 from pathlib import Path
+
+HOLD_LIMIT_S = 300
 
 from espnet3_rules import BaseRunner, EnvironmentProvider
 
@@ -33,6 +38,12 @@ class TextRunner(BaseRunner):
     def forward(idx, dataset, model, poison_dir="", **env):
         if poison_dir and (Path(poison_dir) / str(idx)).exists():
             raise RuntimeError(f"poisoned item {idx}")
+        hold = Path(poison_dir) / f"hold.{idx}" if poison_dir else None
+        if hold is not None and hold.exists():
+            (Path(poison_dir) / f"started.{idx}").write_text(os.environ.get("SLURM_JOB_ID", ""))
+            deadline = time.monotonic() + HOLD_LIMIT_S
+            while hold.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
         return {"idx": idx, "text": model(dataset[idx])}
 
     @staticmethod

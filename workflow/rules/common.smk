@@ -31,12 +31,12 @@ def shard_done_files(wildcards):
 
 def measure_of(wildcards):
     """The measure spec a job's {metrics_dir} wildcard names."""
-    return MEASURES[f"{wildcards.metrics_dir}/metrics.json"]
+    return MEASURES[wildcards.metrics_dir]
 
 
 def shard_resource(name):
-    """Per-shard resource ``name`` of the job, from its ``resources:`` config."""
-    return lambda wildcards: unit_of(wildcards).shard_resources()[name]
+    """Per-shard resource ``name`` of the job (``resources:`` config), grown per retry attempt."""
+    return lambda wildcards, attempt: unit_of(wildcards).shard_resource(name, attempt)
 
 
 def all_targets():
@@ -50,4 +50,4 @@ def all_targets():
     for unit in UNITS.values():
         targets += [f"{unit.root}/split.{i}/done" for i in range(unit.n_shards)]
         targets.append(f"{unit.root}/merge.done")
-    return targets + list(MEASURES)
+    return targets + [spec["output"] for spec in MEASURES.values()]

@@ -2,7 +2,7 @@ MEASURES = measure_specs(config)
 
 
 wildcard_constraints:
-    metrics_dir="|".join(re.escape(path[: -len("/metrics.json")]) for path in MEASURES) or "(?!)",
+    metrics_dir="|".join(re.escape(metrics_dir) for metrics_dir in MEASURES) or "(?!)",
 
 
 localrules:

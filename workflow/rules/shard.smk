@@ -11,10 +11,14 @@ rule shard:
         "{unit}/logs/split.{i}.log",
     benchmark:
         "{unit}/benchmarks/split.{i}.tsv"
-    threads: shard_resource("threads")
+    threads: lambda w: unit_of(w).shard_resource("threads")
     resources:
         mem_mb=shard_resource("mem_mb"),
         runtime=shard_resource("runtime"),
         gpu=shard_resource("gpu"),
+        gpu_model=shard_resource("gpu_model"),
+        slurm_partition=shard_resource("slurm_partition"),
+        slurm_account=shard_resource("slurm_account"),
+        slurm_extra=shard_resource("slurm_extra"),
     shell:
         "python -m espnet3_rules run-shard --manifest {input.manifest:q} --shard {wildcards.i} > {log:q} 2>&1"
