@@ -70,13 +70,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run_shard(args: argparse.Namespace) -> int:
+    from .gpu import gpu_slots
     from .shard import build_worker_env, run_shard
 
     plan = _plan_from_args(args)
     plan.shard_dir(args.shard)  # refuses an id outside the plan before building anything
     runner = _runner_for(plan)
     runner.validate()
-    run_shard(runner, plan, args.shard, build_worker_env(runner))
+    with gpu_slots(args.gpus) as device:
+        env = build_worker_env(runner)
+        env.setdefault("device", device)
+        run_shard(runner, plan, args.shard, env)
     print(f"{plan.shard_dir(args.shard)}: done ({len(plan.shards[args.shard])} items)")
     return 0
 
@@ -144,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--manifest", help="manifest.json of the job")
         if name == "run-shard":
             p.add_argument("--shard", type=int, required=True, help="shard id N (split.N)")
+            p.add_argument("--gpus", type=int, default=0, help="GPUs this shard holds (env key 'device')")
     return parser
 
 

@@ -190,3 +190,17 @@ def test_default_config_runs_end_to_end_with_two_test_sets_and_metrics(wf):
     assert (wf.path / "results/tone_asr/stats/feats_stats.npz").exists()
     _, out = wf.snakemake("--cores", "2")
     assert "Nothing to be done" in out
+
+
+def test_local_gpu_shards_get_a_device(wf, monkeypatch):
+    monkeypatch.setenv("ESPNET3_RULES_GPUS", "2")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    wf.write_config({
+        "gpu": job("gpu", n_items=4, n_shards=2, runner="wf_toy.DeviceRunner", resources={"gpu": 1}),
+        "cpu": job("cpu", n_items=2, n_shards=1, runner="wf_toy.DeviceRunner"),
+    })
+    wf.snakemake("--cores", "2", "--resources", "gpu=2")
+    for line in (wf.path / "results/gpu/text").read_text().splitlines():
+        assert line.split()[1] in ("cuda:0@0", "cuda:0@1")
+    assert (wf.path / "results/cpu/text").read_text() == "0 cpu@\n1 cpu@\n"

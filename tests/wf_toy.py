@@ -67,3 +67,11 @@ class SelfRunner(TextRunner):
 
     def forward(self, idx, dataset, model, **env):  # noqa: D102 - deliberately wrong
         return model(dataset[idx])
+
+
+class DeviceRunner(TextRunner):
+    """Writes the device the shard was given and the GPUs it sees."""
+
+    @staticmethod
+    def forward(idx, dataset, model, device, **env):
+        return {"idx": idx, "text": f"{device}@{os.environ.get('CUDA_VISIBLE_DEVICES', '')}"}

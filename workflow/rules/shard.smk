@@ -21,4 +21,5 @@ rule shard:
         slurm_account=shard_resource("slurm_account"),
         slurm_extra=shard_resource("slurm_extra"),
     shell:
-        "python -m espnet3_rules run-shard --manifest {input.manifest:q} --shard {wildcards.i} > {log:q} 2>&1"
+        "python -m espnet3_rules run-shard --manifest {input.manifest:q} --shard {wildcards.i}"
+        " --gpus {resources.gpu} > {log:q} 2>&1"
