@@ -25,6 +25,7 @@ DEFAULT_RESOURCES = {
     "slurm_account": "",
     "slurm_extra": "",
     "attempt_scale": 1.5,
+    "group": "",
 }
 GROWING_RESOURCES = ("mem_mb", "runtime")
 
@@ -69,6 +70,10 @@ class Unit:
     def from_json(cls, text: str) -> "Unit":
         """Inverse of :meth:`to_json`."""
         return cls(**json.loads(text))
+
+    def shard_group(self) -> Optional[str]:
+        """Snakemake group of this unit's shards (``resources.group``), or ``None``."""
+        return self.shard_resource("group") or None
 
     def shard_resource(self, name: str, attempt: int = 1) -> Any:
         """Per-shard resource ``name`` (defaults filled in); ``mem_mb`` and ``runtime``

@@ -62,3 +62,11 @@ def test_profile_runs_each_shard_as_a_slurm_job_and_reruns_a_cancelled_one(tmp_p
     assert "localrule merge:" in out, "the merge runs locally"
     assert (root / "text").read_text() == expected_text(8)
 
+
+
+def test_grouped_shards_run_as_fewer_slurm_jobs(tmp_path):
+    wf = Workflow(tmp_path)
+    wf.write_config({"a": job("a", n_items=8, n_shards=4, resources={"mem_mb": 500, "runtime": 10, "group": "decode"})})
+    _, out = wf.snakemake(*SLURM, "--group-components", "decode=2")
+    assert len(slurm_job_ids(out)) == 2, "4 shards in groups of 2: two SLURM jobs"
+    assert (tmp_path / "results/a/text").read_text() == expected_text(8)

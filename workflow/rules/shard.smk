@@ -11,6 +11,8 @@ rule shard:
         "{unit}/logs/split.{i}.log",
     benchmark:
         "{unit}/benchmarks/split.{i}.tsv"
+    group:
+        lambda w: unit_of(w).shard_group()
     threads: lambda w: unit_of(w).shard_resource("threads")
     resources:
         mem_mb=shard_resource("mem_mb"),
