@@ -297,3 +297,13 @@ def test_package_imports_and_runs_without_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected_text(4)
+
+
+def test_shard_resources_default_and_grow_per_attempt():
+    unit = Unit(job="j", runner="r.R", provider="p.P", output_dir="o",
+                resources={"mem_mb": 1000, "runtime": 10, "attempt_scale": 2, "slurm_partition": "gpu"})
+    assert [unit.shard_resource("mem_mb", attempt) for attempt in (1, 2, 3)] == [1000, 2000, 4000]
+    assert unit.shard_resource("runtime", 2) == 20
+    assert unit.shard_resource("threads", 3) == 1 and unit.shard_resource("slurm_partition") == "gpu"
+    assert unit.shard_group() is None
+    assert Unit(job="j", runner="r.R", provider="p.P", output_dir="o", resources={"group": "g"}).shard_group() == "g"
