@@ -255,13 +255,11 @@ def count_items(unit: Unit, provider: Any) -> int:
     Builds only the dataset when the provider has a static ``build_dataset``
     (InferenceProvider), so planning never loads the model.
     """
+    from .metrics import provider_dataset_source
+
     if unit.items is not None:
         return unit.items
-    build_dataset = getattr(type(provider), "build_dataset", None)
-    if callable(build_dataset):
-        dataset = build_dataset(provider.config)
-    else:
-        dataset = provider.build_env_local().get("dataset")
+    dataset = provider_dataset_source(provider).build()
     try:
         return len(dataset)
     except TypeError:
