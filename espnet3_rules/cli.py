@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -28,8 +29,12 @@ def _unit_from_args(args: argparse.Namespace):
 
         try:
             config = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
+        except OSError as exc:
             raise ContractError(f"{args.config}: cannot read config ({exc})") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{args.config}:{mark.line + 1}:{mark.column + 1}" if mark else str(args.config)
+            raise ContractError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
         return unit_from_config(config, args.job)
     raise ContractError("name the job with --unit-json, or with --config FILE --job NAME")
 
@@ -152,12 +157,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(command: str, exc: BaseException) -> str:
+    """``espnet3_rules CMD: error: [notes: ]message``; other than contract errors also name their type."""
+    message = str(exc) if isinstance(exc, ContractError) else f"{type(exc).__name__}: {exc}"
+    where = "".join(f"{note}: " for note in getattr(exc, "__notes__", ()))
+    return f"espnet3_rules {command}: error: {where}{message}".replace("\n", " ")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the CLI; contract errors print one line and exit 2."""
+    """Run the CLI; errors end in one line on stderr (a traceback first unless a contract error).
+
+    Exit status: 2 for a contract error, 1 for any other error.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except ContractError as exc:
-        print(f"espnet3_rules {args.command}: error: {exc}", file=sys.stderr)
+        print(error_line(args.command, exc), file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - user code, I/O (disk full, permissions): traceback, then one line
+        traceback.print_exc()
+        print(error_line(args.command, exc), file=sys.stderr)
+        return 1

@@ -259,13 +259,17 @@ def count_items(unit: Unit, provider: Any) -> int:
 
     if unit.items is not None:
         return unit.items
-    dataset = provider_dataset_source(provider).build()
+    try:
+        dataset = provider_dataset_source(provider).build()
+    except (OSError, ContractError):
+        raise  # OSError: a dataset file may be made by an upstream rule (see describe_unit)
+    except Exception as exc:  # noqa: BLE001 - user code: one line naming the provider
+        hook = "build_dataset" if callable(getattr(type(provider), "build_dataset", None)) else "build_env_local"
+        raise ContractError(f"{type(provider).__name__}.{hook}() raised {type(exc).__name__}: {exc}") from exc
     try:
         return len(dataset)
     except TypeError:
-        raise ContractError(
-            f"jobs.{unit.job}: the dataset ({type(dataset).__name__}) has no len(); set items: N in the config"
-        ) from None
+        raise ContractError(f"the dataset ({type(dataset).__name__}) has no len(); set items: N in the config") from None
 
 
 def validate_unit(unit: Unit) -> Any:

@@ -53,6 +53,8 @@ def run_shard(runner: Any, plan: ShardPlan, shard_id: int, env: Dict[str, Any]) 
 
     Any earlier ``done`` is removed first, so a shard that dies part-way leaves
     none; ``done`` (holding the plan's fingerprint) is written last, atomically.
+    An exception on the way gets a note naming the shard and the item (or hook)
+    it failed in, which the CLI puts in its one-line error.
     """
     runner_cls = type(runner)
     env = runner.runtime_env(env)
@@ -62,9 +64,6 @@ def run_shard(runner: Any, plan: ShardPlan, shard_id: int, env: Dict[str, Any]) 
     done_path(shard_dir).unlink(missing_ok=True)
 
     items = plan.shards[shard_id]
-    state = runner_cls.init_state(shard_id=shard_id, **env)
-    forward, forward_env = runner_cls.forward, env_kwargs(runner_cls.forward, env, 1)
-    reduce = runner_cls.reducer(shard_id, env)
     progress = tqdm(
         items,
         desc=f"{plan.shard_subdir or plan.output_dir.name} shard {shard_id}",
@@ -73,16 +72,28 @@ def run_shard(runner: Any, plan: ShardPlan, shard_id: int, env: Dict[str, Any]) 
         disable=None if sys.stderr.isatty() else False,
         file=sys.stderr,
     )
-    if reduce is None:
-        append = state["records"].append
-        for item in progress:
-            append(forward(item, **forward_env))
-    else:
-        for item in progress:
-            state = reduce(state, forward(item, **forward_env))
-    progress.close()
-    state = runner_cls.finalize_state(state, shard_id=shard_id, **env)
-    runner_cls.serialize_state(state, shard_dir)
+    stage, item = "open_writers", None
+    try:
+        state = runner_cls.init_state(shard_id=shard_id, **env)
+        forward, forward_env = runner_cls.forward, env_kwargs(runner_cls.forward, env, 1)
+        reduce = runner_cls.reducer(shard_id, env)
+        stage = "forward"
+        if reduce is None:
+            append = state["records"].append
+            for item in progress:
+                append(forward(item, **forward_env))
+        else:
+            for item in progress:
+                state = reduce(state, forward(item, **forward_env))
+        stage = "close_writers"
+        state = runner_cls.finalize_state(state, shard_id=shard_id, **env)
+        stage = "serialize_state"
+        runner_cls.serialize_state(state, shard_dir)
+    except Exception as exc:
+        exc.add_note(f"{shard_dir} item {item!r}" if stage == "forward" else f"{shard_dir} ({stage})")
+        raise
+    finally:
+        progress.close()
     write_json_atomic(
         done_path(shard_dir),
         {"fingerprint": plan.fingerprint, "shard_id": shard_id, "n_items": len(items), "pid": os.getpid()},
