@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, List
 
 from .contracts import ContractError
 from .plan import ShardPlan, jsonable, write_json_atomic
-from .shard import read_done
+from .shard import done_path, read_done
 
 MERGE_DONE_NAME = "merge.done"
+REJECTED_DONE_NAME = "done.rejected"
 
 
 def pending_shards(plan: ShardPlan) -> List[int]:
@@ -22,34 +24,45 @@ def pending_shards(plan: ShardPlan) -> List[int]:
     ]
 
 
-def completed_shard_dirs(plan: ShardPlan) -> List[Path]:
-    """All shard dirs in shard-id order; a clear error lists missing and stale shards."""
-    missing, stale = [], []
+def completed_shard_dirs(plan: ShardPlan, set_aside: bool = False) -> List[Path]:
+    """All shard dirs in shard-id order; a clear error lists missing, torn and stale shards.
+
+    With ``set_aside``, an untrusted ``done`` (torn, or from another plan) is renamed to
+    ``done.rejected``: Snakemake, which only sees that ``done`` exists, then reruns that shard.
+    """
+    missing, torn, stale = [], [], []
     for shard_id, shard_dir in enumerate(plan.shard_dirs()):
         record = read_done(shard_dir)
         if record is None:
-            missing.append(shard_id)
+            (torn if done_path(shard_dir).exists() else missing).append(shard_id)
         elif record.get("fingerprint") != plan.fingerprint:
             stale.append(shard_id)
-    if missing or stale:
-        parts = []
-        if missing:
-            parts.append(f"not done: {_ids(missing)}")
-        if stale:
-            parts.append(f"stale (done from another plan): {_ids(stale)}")
-        raise ContractError(f"cannot merge {plan.root}: shards {'; '.join(parts)}; run those shards first")
-    return plan.shard_dirs()
-
-
-def _ids(ids: List[int]) -> str:
-    return ", ".join(f"split.{i}" for i in ids)
+    if not (missing or torn or stale):
+        return plan.shard_dirs()
+    parts = [
+        f"{label}: {', '.join(f'split.{i}' for i in ids)}"
+        for label, ids in (("not done", missing), ("torn done", torn), ("stale (done from another plan)", stale))
+        if ids
+    ]
+    advice = "run those shards first"
+    if set_aside and (torn or stale):
+        for shard_id in torn + stale:
+            shard_dir = plan.shard_dir(shard_id)
+            os.replace(done_path(shard_dir), shard_dir / REJECTED_DONE_NAME)
+        advice += f" (untrusted done renamed to {REJECTED_DONE_NAME}, so the next snakemake run redoes them)"
+    raise ContractError(f"cannot merge {plan.root}: shards {'; '.join(parts)}; {advice}")
 
 
 def merge_plan(runner: Any, plan: ShardPlan) -> Any:
-    """Call ``runner.merge`` on the completed shards and write ``merge.done`` last."""
-    result = runner.merge(completed_shard_dirs(plan))
+    """Call ``runner.merge`` on the completed shards and write ``merge.done`` last.
+
+    An earlier ``merge.done`` is removed first, so a merge that dies part-way leaves none.
+    """
+    merge_done = plan.root / MERGE_DONE_NAME
+    merge_done.unlink(missing_ok=True)
+    result = runner.merge(completed_shard_dirs(plan, set_aside=True))
     write_json_atomic(
-        plan.root / MERGE_DONE_NAME,
+        merge_done,
         {"fingerprint": plan.fingerprint, "n_shards": plan.n_shards, "result": _result_summary(result)},
     )
     return result
