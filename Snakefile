@@ -8,7 +8,7 @@
 
 from snakemake.utils import min_version, validate
 
-from espnet3_rules.jobs import check_config
+from espnet3_rules.jobs import check_config, exit_on_contract_error
 
 min_version("9.0")
 
@@ -17,7 +17,8 @@ configfile: "config/config.yaml"
 
 
 # One-line error naming the offending key first; then Snakemake's validate fills schema defaults.
-check_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
+with exit_on_contract_error():
+    check_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

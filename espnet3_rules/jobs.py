@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import inspect
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
 
 from .contracts import ContractError, check_setup_fn, import_object
 from .plan import ShardPlan
@@ -141,11 +142,36 @@ def units_of_job(name: str, job: Mapping[str, Any]) -> List[Unit]:
     return units
 
 
-def units_from_config(config: Mapping[str, Any]) -> Dict[str, Unit]:
-    """Build every unit of a (schema-validated) config, keyed by its root directory."""
+@contextmanager
+def exit_on_contract_error() -> Iterator[None]:
+    """Snakefile guard: a :class:`ContractError` stops ``snakemake`` with its one line, no traceback."""
+    try:
+        yield
+    except ContractError as exc:
+        raise SystemExit(f"espnet3-rules: error: {exc}") from None
+
+
+def check_output_dir(unit: Unit, protected_dirs: Iterable[Any]) -> None:
+    """Refuse an ``output_dir`` inside a protected directory (the workflow's ``config/``)."""
+    output_dir = Path(unit.output_dir).resolve()
+    for directory in (Path(d).resolve() for d in protected_dirs):
+        if output_dir == directory or directory in output_dir.parents:
+            raise ContractError(
+                f"jobs.{unit.job}.output_dir {unit.output_dir!r} is inside the config directory {directory}; "
+                "write results elsewhere (e.g. results/<job>)"
+            )
+
+
+def units_from_config(config: Mapping[str, Any], protected_dirs: Iterable[Any] = ("config",)) -> Dict[str, Unit]:
+    """Build every unit of a (schema-validated) config, keyed by its root directory.
+
+    No unit may write inside ``protected_dirs`` (relative to the working directory).
+    """
     units: Dict[str, Unit] = {}
+    protected_dirs = list(protected_dirs)
     for job_name, job in (config.get("jobs") or {}).items():
         for unit in units_of_job(job_name, job):
+            check_output_dir(unit, protected_dirs)
             if unit.root in units:
                 raise ContractError(
                     f"jobs.{job_name}: output_dir/shard_subdir {unit.root!r} is also used by job "

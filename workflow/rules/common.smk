@@ -2,10 +2,12 @@ import json
 import re
 import sys
 
-from espnet3_rules.jobs import Unit, describe_unit, measure_specs, units_from_config
+from espnet3_rules.jobs import Unit, describe_unit, exit_on_contract_error, measure_specs, units_from_config
 
 # One unit per job: <output_dir>/<shard_subdir> holds manifest.json, split.N/, merge.done.
-UNITS = units_from_config(config)
+# Contract errors stop snakemake (also -n) with one line; no job may write into config/.
+with exit_on_contract_error():
+    UNITS = units_from_config(config, protected_dirs=("config", f"{workflow.basedir}/config"))
 
 
 wildcard_constraints:
@@ -14,8 +16,9 @@ wildcard_constraints:
 
 
 if workflow.is_main_process:
-    for _unit in UNITS.values():
-        print(f"espnet3-rules plan: {describe_unit(_unit)}", file=sys.stderr)
+    with exit_on_contract_error():
+        for _unit in UNITS.values():
+            print(f"espnet3-rules plan: {describe_unit(_unit)}", file=sys.stderr)
 
 
 def unit_of(wildcards):

@@ -1,4 +1,5 @@
-MEASURES = measure_specs(config)
+with exit_on_contract_error():
+    MEASURES = measure_specs(config)
 
 
 wildcard_constraints:
