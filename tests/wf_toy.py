@@ -3,15 +3,17 @@
 A shard fails on purpose when ``<poison_dir>/<item>`` exists, and holds (waits) on
 an item while ``<poison_dir>/hold.<item>`` exists, so a test can make one shard
 fail or stay running without touching the config (which would change the plan).
+The hooks are also fault points of :mod:`faults` (inert unless ESPNET3_RULES_FAULT is set).
 """
 
 import os
 import time
 from pathlib import Path
 
-HOLD_LIMIT_S = 300
+import faults
+from espnet3_rules import BaseRunner, EnvironmentProvider, InferenceProvider
 
-from espnet3_rules import BaseRunner, EnvironmentProvider
+HOLD_LIMIT_S = 300
 
 
 class WordsProvider(EnvironmentProvider):
@@ -35,7 +37,8 @@ class TextRunner(BaseRunner):
     """ESPnet3 docs' MyTextRunner: one ``<idx> <HYP>`` line per item into split.N/text."""
 
     @staticmethod
-    def forward(idx, dataset, model, poison_dir="", **env):
+    def forward(idx, dataset, model, poison_dir="", output_dir="", shard_subdir="", **env):
+        faults.at("forward", Path(output_dir, shard_subdir, f"item.{idx}"))
         if poison_dir and (Path(poison_dir) / str(idx)).exists():
             raise RuntimeError(f"poisoned item {idx}")
         hold = Path(poison_dir) / f"hold.{idx}" if poison_dir else None
@@ -48,17 +51,23 @@ class TextRunner(BaseRunner):
 
     @staticmethod
     def open_writers(shard_dir, **env):
+        faults.at("open_writers", shard_dir)
         return {"text": (shard_dir / "text").open("w", encoding="utf-8")}
 
     @staticmethod
     def write_record(writers, result, state, **env):
-        writers["text"].write(f"{result['idx']} {result['text']}\n")
+        faults.write(writers["text"], f"{result['idx']} {result['text']}\n", "write_record")
+
+    @staticmethod
+    def close_writers(writers):
+        BaseRunner.close_writers(writers)
+        faults.at("close_writers", Path(writers["text"].name).parent)
 
     def merge(self, shard_dirs):
         out = self.output_dir / self.shard_subdir / "text"
         with out.open("w", encoding="utf-8") as f:
             for shard_dir in shard_dirs:
-                f.write((shard_dir / "text").read_text(encoding="utf-8"))
+                faults.write(f, (shard_dir / "text").read_text(encoding="utf-8"), "merge")
         return {"lines": sum(1 for _ in out.open(encoding="utf-8"))}
 
 
@@ -75,3 +84,51 @@ class DeviceRunner(TextRunner):
     @staticmethod
     def forward(idx, dataset, model, device, **env):
         return {"idx": idx, "text": f"{device}@{os.environ.get('CUDA_VISIBLE_DEVICES', '')}"}
+
+
+class UttProvider(InferenceProvider):
+    """InferenceProvider: items ``{"utt_id", "text"}`` (``ids`` from the config, else ``utt<i>``); model: upper-case."""
+
+    @staticmethod
+    def build_dataset(config):
+        ids = list(config.get("ids") or (f"utt{i}" for i in range(int(config["n_items"]))))
+        return [{"utt_id": utt_id, "text": f"w{i:04d}"} for i, utt_id in enumerate(ids)]
+
+    @staticmethod
+    def build_model(config):
+        return upper
+
+
+class LinesProvider(UttProvider):
+    """Items from the UTF-8 text file ``config.path``, one ``<utt_id> <text>`` line each."""
+
+    @staticmethod
+    def build_dataset(config):
+        with open(config["path"], encoding="utf-8") as f:
+            return [dict(zip(("utt_id", "text"), line.split(maxsplit=1))) for line in f if line.strip()]
+
+
+def upper(text):
+    """The toy model."""
+    return text.upper()
+
+
+def hyp_fields(data, model_output, idx):
+    """output_fn: two fields (``hyp``, ``n_chars``); fault point ``output_fn`` on ``item.<idx>``."""
+    faults.at("output_fn", f"item.{idx}")
+    return {"utt_id": data["utt_id"], "hyp": model_output, "n_chars": len(model_output)}
+
+
+def not_a_dict(data, model_output, idx):
+    """output_fn mistake: the bare model output."""
+    return model_output
+
+
+def no_id(data, model_output, idx):
+    """output_fn mistake: no id key."""
+    return {"hyp": model_output}
+
+
+def two_lines(data, model_output, idx):
+    """output_fn mistake: a value with a newline."""
+    return {"utt_id": data["utt_id"], "hyp": f"{model_output}\nsecond line"}

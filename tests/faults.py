@@ -1,0 +1,149 @@
+"""Test-only fault injection: make a plan/shard/merge subprocess die (or wait) at a chosen point.
+
+``ESPNET3_RULES_FAULT`` holds ``;``-separated entries ``ACTION:POINT:GLOB[:N]``:
+
+- ACTION ``kill`` SIGKILLs the process; ``wait`` touches ``$ESPNET3_RULES_GATE/waiting`` and blocks
+  until ``$ESPNET3_RULES_GATE/go`` exists (a slow job the test controls without timing).
+- POINT is a toy-runner hook (``open_writers``, ``forward``, ``write_record``, ``close_writers``,
+  ``merge``, ``output_fn``) that calls :func:`at` / :func:`write`, or an engine call patched by
+  :func:`install`: ``dump`` (``json.dump``), ``copy`` (``shutil.copyfileobj``), ``replace`` /
+  ``replaced`` (before / after ``os.replace``).
+- GLOB is matched (fnmatch) against the path the point writes; temp files ``.NAME.tmp.PID`` count as NAME.
+- N picks the N-th matching call in the process (default 1).
+
+Writes (``dump``, ``copy``, ``write_record``) are torn: half the data is written and flushed
+before the action. ``tests/faultsite/sitecustomize.py`` calls :func:`install` in every Python
+process started with that directory on ``PYTHONPATH`` and ``ESPNET3_RULES_FAULT`` set.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional
+
+ENV = "ESPNET3_RULES_FAULT"
+GATE_ENV = "ESPNET3_RULES_GATE"
+SITE_DIR = Path(__file__).resolve().parent / "faultsite"
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp\.\d+$")
+
+
+@dataclass
+class Fault:
+    """One entry of ``ESPNET3_RULES_FAULT``."""
+
+    action: str
+    point: str
+    glob: str
+    nth: int = 1
+    seen: int = 0
+
+
+def spec(point: str, glob: str, nth: int = 1, action: str = "kill") -> str:
+    """One ``ESPNET3_RULES_FAULT`` entry."""
+    return f"{action}:{point}:{glob}:{nth}"
+
+
+def parse(text: str) -> List[Fault]:
+    """Entries of an ``ESPNET3_RULES_FAULT`` value."""
+    faults = []
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        action, point, glob, *nth = entry.split(":")
+        if action not in ("kill", "wait"):
+            raise ValueError(f"{ENV}: unknown action {action!r} in {entry!r}")
+        faults.append(Fault(action, point, glob, int(nth[0]) if nth else 1))
+    return faults
+
+
+_FAULTS = parse(os.environ.get(ENV, ""))
+
+
+def logical_path(path: Any) -> str:
+    """``path`` as a posix string, with a temp name ``.NAME.tmp.PID`` read as ``NAME``."""
+    path = Path(os.fsdecode(path))
+    match = _TMP_NAME.match(path.name)
+    return (path.with_name(match["name"]) if match else path).as_posix()
+
+
+def hit(point: str, path: Any) -> Optional[Fault]:
+    """The fault whose turn it is at this call of ``point`` on ``path``, if any."""
+    target = logical_path(path)
+    for fault in _FAULTS:
+        if fault.point == point and fnmatch.fnmatchcase(target, fault.glob):
+            fault.seen += 1
+            if fault.seen == fault.nth:
+                return fault
+    return None
+
+
+def act(fault: Fault) -> None:
+    """Die by SIGKILL, or wait for the test's gate."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if fault.action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    gate = Path(os.environ[GATE_ENV])
+    (gate / "waiting").touch()
+    deadline = time.monotonic() + 300
+    while not (gate / "go").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fault gate {gate} never opened")
+        time.sleep(0.05)
+
+
+def at(point: str, path: Any) -> None:
+    """A fault point: act if it is this call's turn."""
+    fault = hit(point, path)
+    if fault:
+        act(fault)
+
+
+def write(handle: Any, data: Any, point: str) -> None:
+    """``handle.write(data)``, torn in half at the point's turn."""
+    fault = hit(point, handle.name)
+    if fault:
+        half = len(data) // 2
+        handle.write(data[:half])
+        handle.flush()
+        act(fault)
+        data = data[half:]
+    handle.write(data)
+
+
+def install() -> None:
+    """Patch ``json.dump``, ``shutil.copyfileobj`` and ``os.replace`` with fault points."""
+    dump, copy, replace = json.dump, shutil.copyfileobj, os.replace
+
+    def faulty_dump(obj: Any, fp: Any, *args: Any, **kwargs: Any) -> None:
+        if not hit_name("dump", fp):
+            return dump(obj, fp, *args, **kwargs)
+        write(fp, json.dumps(obj, *args, **kwargs), "dump")
+
+    def faulty_copy(fsrc: Any, fdst: Any, length: int = 0) -> None:
+        if not hit_name("copy", fdst):
+            return copy(fsrc, fdst, length)
+        write(fdst, fsrc.read(), "copy")
+
+    def faulty_replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        at("replace", dst)
+        replace(src, dst, *args, **kwargs)
+        at("replaced", dst)
+
+    json.dump, shutil.copyfileobj, os.replace = faulty_dump, faulty_copy, faulty_replace
+
+
+def hit_name(point: str, handle: Any) -> bool:
+    """True if some fault targets ``point`` on ``handle``'s file (its turn is counted by :func:`write`)."""
+    name = getattr(handle, "name", None)
+    if not isinstance(name, (str, bytes, os.PathLike)):
+        return False
+    target = logical_path(name)
+    return any(f.point == point and fnmatch.fnmatchcase(target, f.glob) for f in _FAULTS)
