@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from test_workflow import REPO, Workflow, expected_text, job
+from workflow_driver import REPO, Workflow, expected_text, job
 
 pytestmark = pytest.mark.skipif(
     shutil.which("sbatch") is None or subprocess.run(["sinfo"], capture_output=True).returncode != 0,

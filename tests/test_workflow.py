@@ -1,79 +1,11 @@
 """Integration tests: the real Snakemake CLI on the project's Snakefile in temp dirs."""
 
 import json
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
-
-
-def job(name, n_items=10, n_shards=3, **extra):
-    """A TextRunner job entry writing under results/<name>."""
-    entry = {
-        "runner": "wf_toy.TextRunner",
-        "provider": "wf_toy.WordsProvider",
-        "provider_config": {"n_items": n_items, "poison_dir": "poison"},
-        "output_dir": "results",
-        "shard_subdir": name,
-        "n_shards": n_shards,
-        "items": n_items,
-    }
-    entry.update(extra)
-    return entry
-
-
-class Workflow:
-    """A temp working directory with its own config, driving ``snakemake`` on the repo's Snakefile."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        (path / "poison").mkdir()
-
-    def write_config(self, jobs):
-        (self.path / "config.yaml").write_text(yaml.safe_dump({"jobs": jobs}), encoding="utf-8")
-
-    def command(self, *args):
-        """The snakemake command line and environment (run from the repo root, so ``--profile slurm`` resolves)."""
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]))
-        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(self.path),
-               "--configfile", str(self.path / "config.yaml"), *args]
-        return cmd, env
-
-    def snakemake(self, *args, check=True):
-        cmd, env = self.command(*args)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
-        out = proc.stdout + proc.stderr
-        if check and proc.returncode != 0:
-            raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{out}")
-        return proc.returncode, out
-
-    def poison(self, item):
-        (self.path / "poison" / str(item)).touch()
-
-    def cure(self, item):
-        (self.path / "poison" / str(item)).unlink()
-
-
-def job_counts(output: str) -> dict:
-    """Rule -> count from Snakemake's 'Job stats' table (the first one printed)."""
-    table = output.split("Job stats:", 1)[1].split("total", 1)[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
-
-
-@pytest.fixture
-def wf(tmp_path):
-    return Workflow(tmp_path)
-
-
-def expected_text(n_items, suffix=""):
-    return "".join(f"{i} W{i:04d}{suffix.upper()}\n" for i in range(n_items))
+from workflow_driver import REPO, expected_text, job, job_counts
 
 
 def test_dry_run_lists_every_shard_and_plan_summary(wf):

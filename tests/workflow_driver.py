@@ -1,0 +1,150 @@
+"""Shared test driver: ``snakemake`` on the repo's Snakefile and ``python -m espnet3_rules`` in temp dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+import yaml
+
+import faults
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def job(name, n_items=10, n_shards=3, **extra):
+    """A TextRunner job entry writing under results/<name>."""
+    entry = {
+        "runner": "wf_toy.TextRunner",
+        "provider": "wf_toy.WordsProvider",
+        "provider_config": {"n_items": n_items, "poison_dir": "poison"},
+        "output_dir": "results",
+        "shard_subdir": name,
+        "n_shards": n_shards,
+        "items": n_items,
+    }
+    entry.update(extra)
+    return entry
+
+
+def expected_text(n_items, suffix=""):
+    """The merged ``text`` of a TextRunner job over ``n_items`` items."""
+    return "".join(f"{i} W{i:04d}{suffix.upper()}\n" for i in range(n_items))
+
+
+def python_env(fault_specs: Iterable[str] = (), gate: Optional[Path] = None) -> Dict[str, str]:
+    """Environment for subprocesses: the toys importable; fault injection armed if specs are given."""
+    fault_specs = list(fault_specs)
+    paths = [str(faults.SITE_DIR)] if fault_specs else []
+    paths += [str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    env.pop(faults.ENV, None)
+    if fault_specs:
+        env[faults.ENV] = ";".join(fault_specs)
+    if gate is not None:
+        env[faults.GATE_ENV] = str(gate)
+    return env
+
+
+def cli(*args, cwd, fault_specs: Iterable[str] = (), **popen_kwargs) -> subprocess.CompletedProcess:
+    """``python -m espnet3_rules ARGS`` in ``cwd`` (not checked: callers assert the return code)."""
+    return subprocess.run(
+        [sys.executable, "-m", "espnet3_rules", *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, env=python_env(fault_specs), timeout=120, **popen_kwargs,
+    )
+
+
+class SnakemakeServer:
+    """Client of ``snakemake_server.py``: ``snakemake`` runs forked from one process that imported it."""
+
+    def __init__(self, scratch: Path):
+        self.scratch = scratch
+        self.runs = 0
+        self.proc = subprocess.Popen([sys.executable, str(TESTS / "snakemake_server.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=python_env(), cwd=REPO)
+
+    def run(self, argv) -> subprocess.CompletedProcess:
+        """Run ``snakemake ARGV``; stdout holds its stdout and stderr together."""
+        self.runs += 1
+        out = self.scratch / f"run{self.runs}.out"
+        self.proc.stdin.write(json.dumps({"argv": list(argv), "out": str(out)}) + "\n")
+        self.proc.stdin.flush()
+        code = int(self.proc.stdout.readline())
+        return subprocess.CompletedProcess(argv, code, out.read_text(encoding="utf-8", errors="replace"), "")
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+class Workflow:
+    """A temp working directory with its own config, driving ``snakemake`` on the repo's Snakefile."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        (path / "poison").mkdir(exist_ok=True)
+
+    def write_config(self, jobs):
+        (self.path / "config.yaml").write_text(yaml.safe_dump({"jobs": jobs}), encoding="utf-8")
+
+    def arguments(self, *args):
+        """snakemake's arguments: the repo's Snakefile, this directory, its config, then ``args``."""
+        return ["-s", str(REPO / "Snakefile"), "-d", str(self.path), "--configfile", str(self.path / "config.yaml"),
+                *args]
+
+    def command(self, *args, fault_specs=(), gate=None):
+        """The snakemake command line and environment (run from the repo root, so ``--profile slurm`` resolves)."""
+        return [sys.executable, "-m", "snakemake", *self.arguments(*args)], python_env(fault_specs, gate)
+
+    def snakemake(self, *args, check=True, fault_specs=(), gate=None, server: Optional[SnakemakeServer] = None):
+        """Run snakemake to the end (through ``server`` if given): ``(exit code, stdout + stderr)``."""
+        if server is not None and not fault_specs:
+            proc = server.run(self.arguments(*args))
+        else:
+            cmd, env = self.command(*args, fault_specs=fault_specs, gate=gate)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+        out = proc.stdout + proc.stderr
+        if check and proc.returncode != 0:
+            raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{out}")
+        return proc.returncode, out
+
+    def start(self, *args, fault_specs=(), gate=None, **popen_kwargs) -> subprocess.Popen:
+        """Start snakemake in the background (output in a pipe: read it with ``communicate``)."""
+        cmd, env = self.command(*args, fault_specs=fault_specs, gate=gate)
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+                                **popen_kwargs)
+
+    def poison(self, item):
+        (self.path / "poison" / str(item)).touch()
+
+    def cure(self, item):
+        (self.path / "poison" / str(item)).unlink()
+
+
+def job_counts(output: str) -> dict:
+    """Rule -> count from Snakemake's 'Job stats' table (the first one printed)."""
+    table = output.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+def snapshot(root: Path) -> Dict[str, bytes]:
+    """Every file under ``root`` (but Snakemake's own ``.snakemake/``) -> its bytes."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".snakemake" not in p.relative_to(root).parts
+    }
+
+
+def assert_kept(before: Dict[str, bytes], root: Path) -> None:
+    """Every file of ``before`` is still under ``root`` with the same bytes (new files are allowed)."""
+    after = snapshot(root)
+    lost = sorted(name for name in before if name not in after)
+    changed = sorted(name for name in before if name in after and after[name] != before[name])
+    assert not lost and not changed, f"lost: {lost}; changed: {changed}"
