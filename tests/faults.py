@@ -1,9 +1,7 @@
-"""Test-only fault injection: make a plan/shard/merge subprocess die (or wait) at a chosen point.
+"""Test-only fault injection: SIGKILL a plan/shard/merge subprocess at a chosen point.
 
-``ESPNET3_RULES_FAULT`` holds ``;``-separated entries ``ACTION:POINT:GLOB[:N]``:
+``ESPNET3_RULES_FAULT`` holds ``;``-separated entries ``POINT:GLOB[:N]``:
 
-- ACTION ``kill`` SIGKILLs the process; ``wait`` touches ``$ESPNET3_RULES_GATE/waiting`` and blocks
-  until ``$ESPNET3_RULES_GATE/go`` exists (a slow job the test controls without timing).
 - POINT is a toy-runner hook (``open_writers``, ``forward``, ``write_record``, ``close_writers``,
   ``merge``, ``output_fn``) that calls :func:`at` / :func:`write`, or an engine call patched by
   :func:`install`: ``dump`` (``json.dump``), ``copy`` (``shutil.copyfileobj``), ``replace`` /
@@ -11,9 +9,9 @@
 - GLOB is matched (fnmatch) against the path the point writes; temp files ``.NAME.tmp.PID`` count as NAME.
 - N picks the N-th matching call in the process (default 1).
 
-Writes (``dump``, ``copy``, ``write_record``) are torn: half the data is written and flushed
-before the action. ``tests/faultsite/sitecustomize.py`` calls :func:`install` in every Python
-process started with that directory on ``PYTHONPATH`` and ``ESPNET3_RULES_FAULT`` set.
+Writes (``dump``, ``copy``, ``write_record``, ``merge``) are torn: half the data is written and
+flushed before the kill. ``tests/faultsite/sitecustomize.py`` calls :func:`install` in every
+Python process started with that directory on ``PYTHONPATH`` and ``ESPNET3_RULES_FAULT`` set.
 """
 
 from __future__ import annotations
@@ -25,13 +23,11 @@ import re
 import shutil
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List
 
 ENV = "ESPNET3_RULES_FAULT"
-GATE_ENV = "ESPNET3_RULES_GATE"
 SITE_DIR = Path(__file__).resolve().parent / "faultsite"
 _TMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp\.\d+$")
 
@@ -40,26 +36,23 @@ _TMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp\.\d+$")
 class Fault:
     """One entry of ``ESPNET3_RULES_FAULT``."""
 
-    action: str
     point: str
     glob: str
     nth: int = 1
     seen: int = 0
 
 
-def spec(point: str, glob: str, nth: int = 1, action: str = "kill") -> str:
+def spec(point: str, glob: str, nth: int = 1) -> str:
     """One ``ESPNET3_RULES_FAULT`` entry."""
-    return f"{action}:{point}:{glob}:{nth}"
+    return f"{point}:{glob}:{nth}"
 
 
 def parse(text: str) -> List[Fault]:
     """Entries of an ``ESPNET3_RULES_FAULT`` value."""
     faults = []
     for entry in filter(None, (e.strip() for e in text.split(";"))):
-        action, point, glob, *nth = entry.split(":")
-        if action not in ("kill", "wait"):
-            raise ValueError(f"{ENV}: unknown action {action!r} in {entry!r}")
-        faults.append(Fault(action, point, glob, int(nth[0]) if nth else 1))
+        point, glob, *nth = entry.split(":")
+        faults.append(Fault(point, glob, int(nth[0]) if nth else 1))
     return faults
 
 
@@ -73,48 +66,36 @@ def logical_path(path: Any) -> str:
     return (path.with_name(match["name"]) if match else path).as_posix()
 
 
-def hit(point: str, path: Any) -> Optional[Fault]:
-    """The fault whose turn it is at this call of ``point`` on ``path``, if any."""
+def hit(point: str, path: Any) -> bool:
+    """Count this call of ``point`` on ``path``; True if it is some fault's turn."""
     target = logical_path(path)
+    turn = False
     for fault in _FAULTS:
         if fault.point == point and fnmatch.fnmatchcase(target, fault.glob):
             fault.seen += 1
-            if fault.seen == fault.nth:
-                return fault
-    return None
+            turn = turn or fault.seen == fault.nth
+    return turn
 
 
-def act(fault: Fault) -> None:
-    """Die by SIGKILL, or wait for the test's gate."""
+def die() -> None:
+    """SIGKILL this process (nothing after this line runs: no cleanup, no flush of open files)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if fault.action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    gate = Path(os.environ[GATE_ENV])
-    (gate / "waiting").touch()
-    deadline = time.monotonic() + 300
-    while not (gate / "go").exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"fault gate {gate} never opened")
-        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def at(point: str, path: Any) -> None:
-    """A fault point: act if it is this call's turn."""
-    fault = hit(point, path)
-    if fault:
-        act(fault)
+    """A fault point: die if it is this call's turn."""
+    if hit(point, path):
+        die()
 
 
 def write(handle: Any, data: Any, point: str) -> None:
-    """``handle.write(data)``, torn in half at the point's turn."""
-    fault = hit(point, handle.name)
-    if fault:
-        half = len(data) // 2
-        handle.write(data[:half])
+    """``handle.write(data)``, torn in half (then die) at the point's turn."""
+    if hit(point, handle.name):
+        handle.write(data[: len(data) // 2])
         handle.flush()
-        act(fault)
-        data = data[half:]
+        die()
     handle.write(data)
 
 
@@ -141,7 +122,7 @@ def install() -> None:
 
 
 def hit_name(point: str, handle: Any) -> bool:
-    """True if some fault targets ``point`` on ``handle``'s file (its turn is counted by :func:`write`)."""
+    """True if some fault targets ``point`` on ``handle``'s file (:func:`write` counts the turn)."""
     name = getattr(handle, "name", None)
     if not isinstance(name, (str, bytes, os.PathLike)):
         return False

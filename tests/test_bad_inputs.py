@@ -158,7 +158,7 @@ RUNTIME_CASES = [
     ("space-in-id", {**INFERENCE_JOB, "provider_config": {"ids": ["u0", "u1", "u 2", "u3"]}},
      "split.1", "split.1 item 2: output utt_id='u 2' is not a safe id (it contains whitespace)"),
     ("env-name-mismatch", {**TEXT_JOB, "provider": "engine_toy.RenamedProvider"},
-     "split.0", "TextRunner.forward needs 'dataset', 'model' but RenamedProvider's env provides ['ds', 'net', "),
+     "split.0", "TextRunner.forward needs 'dataset', 'model' but RenamedProvider's env provides ["),
     ("forward-raises", {**TEXT_JOB, "n_shards": 2},
      "split.1", "split.1 item 3: RuntimeError: poisoned item 3"),
     ("duplicate-ids", {**INFERENCE_JOB, "provider_config": {"ids": ["u0", "u1", "u0", "u1"]}},

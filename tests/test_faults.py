@@ -326,14 +326,15 @@ def wait_for(condition, what, timeout=120):
         time.sleep(0.05)
 
 
-def test_second_snakemake_on_the_same_directory_is_refused(wf, tmp_path_factory):
-    gate = tmp_path_factory.mktemp("gate")
+def test_second_snakemake_on_the_same_directory_is_refused(wf):
     wf.write_config({"a": job("a", n_items=4, n_shards=2)})
-    first = wf.start("--cores", "1", fault_specs=[faults.spec("forward", "results/a/item.*", 1, "wait")], gate=gate)
+    hold = wf.path / "poison/hold.0"  # shard 0 waits at item 0 while this file exists
+    hold.touch()
+    first = wf.start("--cores", "1")
     try:
-        wait_for(lambda: (gate / "waiting").exists(), "the first run's shard to start")
+        wait_for(lambda: (wf.path / "poison/started.0").exists(), "the first run's shard 0 to start")
         assert os.listdir(wf.path / ".snakemake/locks"), "the first run holds Snakemake's lock"
-        before = {k: v for k, v in snapshot(wf.path).items() if "/logs/" not in k}  # the waiting shard's log may grow
+        before = {k: v for k, v in snapshot(wf.path).items() if "/logs/" not in k}  # the held shard's log may grow
 
         code, out = wf.snakemake("--cores", "2", check=False)
 
@@ -341,26 +342,26 @@ def test_second_snakemake_on_the_same_directory_is_refused(wf, tmp_path_factory)
         assert "LockException" in out and "Directory cannot be locked" in out
         assert_kept(before, wf.path)
     finally:
-        (gate / "go").touch()
+        hold.unlink()
         first_out = first.communicate(timeout=300)[0]
     assert first.returncode == 0, first_out
     assert (wf.path / "results/a/text").read_text() == expected_text(4)
 
 
-def test_killed_snakemake_keeps_finished_shards(wf, tmp_path_factory):
-    gate = tmp_path_factory.mktemp("gate")
+def test_killed_snakemake_keeps_finished_shards(wf):
     wf.write_config({"a": job("a", n_items=6, n_shards=3)})
+    (wf.path / "poison/hold.2").touch()  # shard 1 (items 2, 3) waits while this file exists
     incomplete = wf.path / ".snakemake/incomplete"
     running = base64.b64encode(b"results/a/split.1/done").decode()
-    first = wf.start("--cores", "2", fault_specs=[faults.spec("forward", "results/a/item.2", 1, "wait")], gate=gate,
-                     start_new_session=True)
+    first = wf.start("--cores", "2", start_new_session=True)
     try:
-        wait_for(lambda: (gate / "waiting").exists() and all(
+        wait_for(lambda: (wf.path / "poison/started.2").exists() and all(
             (wf.path / f"results/a/split.{i}/done").exists() for i in (0, 2)), "shards 0 and 2 to finish")
         wait_for(lambda: os.listdir(incomplete) == [running], "Snakemake to register shards 0 and 2")
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # Snakemake and its jobs, as when the node dies
         first.communicate(timeout=60)
+    (wf.path / "poison/hold.2").unlink()
     finished = snapshot(wf.path)
 
     wf.snakemake("--unlock")  # the lock of the killed run stays behind (Snakemake cannot tell it is stale)

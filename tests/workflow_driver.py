@@ -38,7 +38,7 @@ def expected_text(n_items, suffix=""):
     return "".join(f"{i} W{i:04d}{suffix.upper()}\n" for i in range(n_items))
 
 
-def python_env(fault_specs: Iterable[str] = (), gate: Optional[Path] = None) -> Dict[str, str]:
+def python_env(fault_specs: Iterable[str] = ()) -> Dict[str, str]:
     """Environment for subprocesses: the toys importable; fault injection armed if specs are given."""
     fault_specs = list(fault_specs)
     paths = [str(faults.SITE_DIR)] if fault_specs else []
@@ -47,8 +47,6 @@ def python_env(fault_specs: Iterable[str] = (), gate: Optional[Path] = None) -> 
     env.pop(faults.ENV, None)
     if fault_specs:
         env[faults.ENV] = ";".join(fault_specs)
-    if gate is not None:
-        env[faults.GATE_ENV] = str(gate)
     return env
 
 
@@ -98,25 +96,25 @@ class Workflow:
         return ["-s", str(REPO / "Snakefile"), "-d", str(self.path), "--configfile", str(self.path / "config.yaml"),
                 *args]
 
-    def command(self, *args, fault_specs=(), gate=None):
+    def command(self, *args, fault_specs=()):
         """The snakemake command line and environment (run from the repo root, so ``--profile slurm`` resolves)."""
-        return [sys.executable, "-m", "snakemake", *self.arguments(*args)], python_env(fault_specs, gate)
+        return [sys.executable, "-m", "snakemake", *self.arguments(*args)], python_env(fault_specs)
 
-    def snakemake(self, *args, check=True, fault_specs=(), gate=None, server: Optional[SnakemakeServer] = None):
+    def snakemake(self, *args, check=True, fault_specs=(), server: Optional[SnakemakeServer] = None):
         """Run snakemake to the end (through ``server`` if given): ``(exit code, stdout + stderr)``."""
         if server is not None and not fault_specs:
             proc = server.run(self.arguments(*args))
         else:
-            cmd, env = self.command(*args, fault_specs=fault_specs, gate=gate)
+            cmd, env = self.command(*args, fault_specs=fault_specs)
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
         out = proc.stdout + proc.stderr
         if check and proc.returncode != 0:
             raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{out}")
         return proc.returncode, out
 
-    def start(self, *args, fault_specs=(), gate=None, **popen_kwargs) -> subprocess.Popen:
+    def start(self, *args, fault_specs=(), **popen_kwargs) -> subprocess.Popen:
         """Start snakemake in the background (output in a pipe: read it with ``communicate``)."""
-        cmd, env = self.command(*args, fault_specs=fault_specs, gate=gate)
+        cmd, env = self.command(*args, fault_specs=fault_specs)
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
                                 **popen_kwargs)
 
