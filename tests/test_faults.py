@@ -28,7 +28,7 @@ from espnet3_rules.plan import read_manifest
 from workflow_driver import assert_kept, cli, expected_text, job, job_counts, snapshot
 
 
-def inference_job(name, n_items, n_shards, **extra):
+def inference_job(name, n_items, n_shards):
     """An InferenceRunner job writing hyp.scp and n_chars.scp under results/<name>."""
     return {
         "runner": "espnet3_rules.InferenceRunner",
@@ -38,7 +38,6 @@ def inference_job(name, n_items, n_shards, **extra):
         "output_dir": "results",
         "shard_subdir": name,
         "n_shards": n_shards,
-        **extra,
     }
 
 
