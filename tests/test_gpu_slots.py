@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from espnet3_rules import ContractError
-from espnet3_rules.gpu import gpu_slots
+from espnet3_rules.gpu import gpu_slots, local_gpu_ids
 
 HOLDER = """
 import os, sys, time
@@ -79,8 +79,35 @@ def test_cpu_and_slurm_assigned(monkeypatch, tmp_path):
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     with gpu_slots(1, slot_dir=tmp_path) as device:
-        assert device == "cuda:0"
+        assert device == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
     assert not any(tmp_path.iterdir()), "inside a SLURM job nothing is allocated"
+
+
+def test_slurm_group_job_splits_its_gpus_between_its_shards(tmp_path, env):
+    """A group job bundling two 1-GPU shards holds two GPUs: each shard must get its own."""
+    env.update(SLURM_JOB_ID="42", CUDA_VISIBLE_DEVICES="4,5", TMPDIR=str(tmp_path / "node_tmp"))
+    del env["ESPNET3_RULES_GPU_SLOT_DIR"], env["ESPNET3_RULES_GPUS"]
+    (tmp_path / "node_tmp").mkdir()
+    (first, out1), (second, out2) = start(tmp_path, env, "a"), start(tmp_path, env, "b")
+    assert {wait_file(out1), wait_file(out2)} == {"cuda:0 4", "cuda:0 5"}
+    assert sorted(p.name for p in (tmp_path / "node_tmp/espnet3-rules-gpu-slots-42").iterdir()) == [
+        "gpu4.lock", "gpu5.lock"]
+    for out, proc in ((out1, first), (out2, second)):
+        out.with_suffix(".release").touch()
+        assert proc.wait(timeout=30) == 0
+
+
+def test_slurm_job_without_the_gpus_refuses(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("ESPNET3_RULES_GPUS", "8")  # a local setting must not leak into a SLURM job
+    with pytest.raises(ContractError, match=r"gpu=1 but SLURM job 42 holds 0 GPU\(s\) \(CUDA_VISIBLE_DEVICES=<unset>\)"):
+        with gpu_slots(1, slot_dir=tmp_path):
+            pass
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(ContractError, match=r"gpu=2 but SLURM job 42 holds 1 GPU"):
+        with gpu_slots(2, slot_dir=tmp_path):
+            pass
 
 
 def test_parent_visible_devices_are_the_pool(monkeypatch, tmp_path):
@@ -89,6 +116,29 @@ def test_parent_visible_devices_are_the_pool(monkeypatch, tmp_path):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     with gpu_slots(1, slot_dir=tmp_path) as device:
         assert device == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,7", "restored after the shard"
+
+
+@pytest.mark.parametrize("visible, pool", [("3", ["3"]), ("", []), ("-1", []), ("2,-1,3", ["2"]), ("GPU-a1, GPU-b2", ["GPU-a1", "GPU-b2"])])
+def test_parent_visible_devices_are_ids_as_cuda_reads_them(monkeypatch, visible, pool):
+    monkeypatch.delenv("ESPNET3_RULES_GPUS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert local_gpu_ids() == pool
+
+
+def test_nvidia_smi_lists_the_pool(monkeypatch, tmp_path):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\n"
+        "echo 'GPU 0: NVIDIA A100 (UUID: GPU-aaa)'\n"
+        "echo '  MIG 1g.5gb     Device  0: (UUID: MIG-aaa)'\n"
+        "echo 'GPU 1: NVIDIA A100 (UUID: GPU-bbb)'\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("ESPNET3_RULES_GPUS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert local_gpu_ids() == ["0", "1"]
 
 
 def test_too_many_gpus_requested(monkeypatch, tmp_path):
