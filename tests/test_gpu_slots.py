@@ -19,7 +19,8 @@ from espnet3_rules.gpu import gpu_slots
 out, n = Path(sys.argv[1]), int(sys.argv[2])
 with gpu_slots(n, poll_s=0.05) as device:
     out.write_text(device + " " + os.environ["CUDA_VISIBLE_DEVICES"])
-    while not out.with_suffix(".release").exists():
+    deadline = time.monotonic() + 60  # never outlive a failed test
+    while not out.with_suffix(".release").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
 """
 

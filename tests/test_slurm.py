@@ -3,12 +3,14 @@
 Skipped where no SLURM is running (a laptop); CI installs and starts the one-node cluster first.
 """
 
+import json
 import re
 import shutil
 import subprocess
 import time
 
 import pytest
+import yaml
 
 from workflow_driver import REPO, Workflow, expected_text, job
 
@@ -30,6 +32,21 @@ def wait_for(path, limit_s=180):
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} did not appear within {limit_s} s"
         time.sleep(0.5)
+
+
+def test_default_job_runs_through_the_profile_one_slurm_job_per_shard(tmp_path):
+    """The shipped config/config.yaml, exactly as `snakemake --profile slurm` runs it."""
+    wf = Workflow(tmp_path)
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    _, out = wf.snakemake(*SLURM)
+    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid \d+ \(log: \S*/slurm_logs/rule_(\w+)/", out)
+    assert submitted.count("shard") == 11, out  # 3 + 3 decode, 2 feats, 3 stats
+    assert submitted.count("example_data") == 2
+    for rule in ("plan", "merge", "measure"):
+        assert f"localrule {rule}:" in out, f"{rule} must stay local"
+    metrics = json.loads((tmp_path / "results/tone_asr/decode/metrics.json").read_text())
+    assert set(metrics["espnet3_rules.metrics.WER"]) == {"tone_dev", "tone_test"}
 
 
 def test_profile_runs_each_shard_as_a_slurm_job_and_reruns_a_cancelled_one(tmp_path):
