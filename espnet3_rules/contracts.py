@@ -26,8 +26,8 @@ def import_object(path: str, what: str = "object") -> Any:
         try:
             obj = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # this prefix is not a module; try a shorter one
+            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+                continue  # this prefix (or a package of it) is not a module; try a shorter one
             raise ContractError(f"{what} {path!r}: importing {module_name!r} failed: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - user module raised while importing
             raise ContractError(
