@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .contracts import ContractError, check_setup_fn, import_object
 from .plan import ShardPlan
@@ -63,11 +63,34 @@ class Unit:
         return {**DEFAULT_RESOURCES, **self.resources}
 
 
+def check_job_keys(name: str, job: Any, extra: Sequence[str] = ()) -> None:
+    """Refuse a ``jobs.<name>`` entry that is not a mapping or has unknown or missing keys.
+
+    ``extra`` are keys the caller handles itself (not :class:`Unit` fields).
+    """
+    if not isinstance(job, Mapping):
+        raise ContractError(f"jobs.{name} must be a mapping of job settings, got {type(job).__name__}")
+    unit_fields = [f for f in fields(Unit) if f.name != "job"]
+    known = [f.name for f in unit_fields] + list(extra)
+    settings = [k for k, v in job.items() if v is not None]
+    unknown = sorted(set(settings) - set(known), key=str)
+    if unknown:
+        raise ContractError(f"jobs.{name}: unknown key(s) {unknown}; known keys are {known}")
+    required = [f.name for f in unit_fields if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in settings]
+    if missing:
+        raise ContractError(f"jobs.{name}: missing required key(s) {missing}")
+
+
 def units_from_config(config: Mapping[str, Any]) -> Dict[str, Unit]:
-    """Build every unit of a (schema-validated) config, keyed by its root directory."""
+    """Build every unit of a config, keyed by its root directory."""
+    jobs = config.get("jobs") if isinstance(config, Mapping) else None
+    if jobs is not None and not isinstance(jobs, Mapping):
+        raise ContractError(f"config 'jobs' must be a mapping of job name -> settings, got {type(jobs).__name__}")
     units: Dict[str, Unit] = {}
-    for job_name, job in (config.get("jobs") or {}).items():
-        unit = Unit(job=job_name, **{k: v for k, v in dict(job).items() if v is not None})
+    for job_name, job in (jobs or {}).items():
+        check_job_keys(job_name, job)
+        unit = Unit(job=job_name, **{k: v for k, v in job.items() if v is not None})
         if unit.root in units:
             raise ContractError(
                 f"jobs.{job_name}: output_dir/shard_subdir {unit.root!r} is also used by job "
