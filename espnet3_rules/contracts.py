@@ -101,6 +101,17 @@ def check_env(provider: Any, env: Any) -> Dict[str, Any]:
     return dict(env)
 
 
+def env_dataset(provider: Any, env: Any) -> Any:
+    """``env["dataset"]``; without one, an error naming the keys the env has (ESPnet3's mismatched names)."""
+    env = check_env(provider, env)
+    if "dataset" not in env:
+        raise ContractError(
+            f"{type(provider).__name__}'s env has no 'dataset' (it has {sorted(env)}); "
+            "name the dataset 'dataset' or set items: N in the config"
+        )
+    return env["dataset"]
+
+
 @lru_cache(maxsize=None)
 def _signature_info(fn: Callable) -> Tuple[Tuple[str, ...], Tuple[str, ...], bool]:
     """(names it accepts by keyword, names it requires, takes **kwargs) after its leading positionals."""

@@ -12,7 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from .contracts import ContractError, check_setup_fn, import_object
+from .contracts import ContractError, check_setup_fn, env_dataset, import_object
 from .plan import ShardPlan
 
 DEFAULT_RESOURCES = {"threads": 1, "mem_mb": 2000, "runtime": 60, "gpu": 0}
@@ -165,12 +165,12 @@ def count_items(unit: Unit, provider: Any) -> int:
     if callable(build_dataset):
         dataset = build_dataset(provider.config)
     else:
-        dataset = provider.build_env_local().get("dataset")
+        dataset = env_dataset(provider, provider.build_env_local())
     try:
         return len(dataset)
     except TypeError:
         raise ContractError(
-            f"jobs.{unit.job}: the dataset ({type(dataset).__name__}) has no len(); set items: N in the config"
+            f"the dataset ({type(dataset).__name__}) has no len(); set items: N in the config"
         ) from None
 
 
