@@ -28,10 +28,20 @@ def _unit_from_args(args: argparse.Namespace):
 
         try:
             config = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
+        except OSError as exc:
             raise ContractError(f"{args.config}: cannot read config ({exc})") from None
+        except yaml.YAMLError as exc:
+            raise ContractError(f"{args.config}: cannot read config ({_yaml_problem(exc)})") from None
         return unit_from_config(config, args.job)
     raise ContractError("name the job with --unit-json, or with --config FILE --job NAME")
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML parse error as "<problem> at line L, column C" (PyYAML's own text spans lines)."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(exc)
 
 
 def _plan_from_args(args: argparse.Namespace) -> ShardPlan:
@@ -131,5 +141,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except ContractError as exc:
-        print(f"espnet3_rules {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line even when it quotes a multi-line error
+        print(f"espnet3_rules {args.command}: error: {message}", file=sys.stderr)
         return 2
