@@ -59,7 +59,7 @@ class BaseRunner(ABC):
     Args:
         provider: Builds the env (dataset, model, ...).
         batch_size: If set, ``forward`` receives lists of this many indices.
-        output_dir: Root of shard outputs (required).
+        output_dir: Root of shard outputs (required; ``""`` counts as missing).
         shard_subdir: Sub-path of ``output_dir`` for ``manifest.json`` and ``split.N/``.
         resume: Skip shards whose ``done`` matches the current plan.
         n_shards: Shards the items are split into (the Snakemake workflow runs
@@ -78,7 +78,8 @@ class BaseRunner(ABC):
         """Keep the provider and the shard layout settings."""
         self.provider = provider
         self.batch_size = batch_size
-        self.output_dir = Path(output_dir) if output_dir is not None else None
+        # An empty string is no directory (Path("") would silently mean the cwd).
+        self.output_dir = Path(output_dir) if output_dir not in (None, "") else None
         self.shard_subdir = shard_subdir or ""
         self.resume = resume
         self.n_shards = n_shards

@@ -26,8 +26,8 @@ def import_object(path: str, what: str = "object") -> Any:
         try:
             obj = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # this prefix is not a module; try a shorter one
+            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+                continue  # this prefix (or a package of it) is not a module; try a shorter one
             raise ContractError(f"{what} {path!r}: importing {module_name!r} failed: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - user module raised while importing
             raise ContractError(
@@ -99,6 +99,17 @@ def check_env(provider: Any, env: Any) -> Dict[str, Any]:
     if bad:
         raise ContractError(f"{type(provider).__name__} env has non-string keys {bad!r}")
     return dict(env)
+
+
+def env_dataset(provider: Any, env: Any) -> Any:
+    """``env["dataset"]``; without one, an error naming the keys the env has (ESPnet3's mismatched names)."""
+    env = check_env(provider, env)
+    if "dataset" not in env:
+        raise ContractError(
+            f"{type(provider).__name__}'s env has no 'dataset' (it has {sorted(env)}); "
+            "name the dataset 'dataset' or set items: N in the config"
+        )
+    return env["dataset"]
 
 
 @lru_cache(maxsize=None)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Dict, Optional, Set
 
+from .contracts import ContractError
+
 
 class EnvironmentProvider(ABC):
     """Build and hand out the runtime environment (a dict injected into ``forward``).
@@ -41,8 +43,8 @@ class EnvironmentProvider(ABC):
         """
         legacy = getattr(type(self), "make_worker_setup_fn", None)
         if legacy is None:
-            raise NotImplementedError(
-                f"{type(self).__name__} must implement build_worker_setup_fn()"
+            raise ContractError(
+                f"{type(self).__name__} must implement build_worker_setup_fn(): shard processes build their env with it"
             )
         return legacy(self)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import inspect
 import json
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 from .contracts import ContractError, check_setup_fn, import_object
 from .plan import ShardPlan
@@ -113,6 +113,25 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> Dict[str
     return merged
 
 
+def check_job_keys(name: str, job: Any, extra: Sequence[str] = ()) -> None:
+    """Refuse a ``jobs.<name>`` entry that is not a mapping or has unknown or missing keys.
+
+    ``extra`` are keys the caller handles itself (not :class:`Unit` fields).
+    """
+    if not isinstance(job, Mapping):
+        raise ContractError(f"jobs.{name} must be a mapping of job settings, got {type(job).__name__}")
+    unit_fields = [f for f in fields(Unit) if f.name != "job"]
+    known = [f.name for f in unit_fields] + list(extra)
+    settings = [k for k, v in job.items() if v is not None]
+    unknown = sorted(set(settings) - set(known), key=str)
+    if unknown:
+        raise ContractError(f"jobs.{name}: unknown key(s) {unknown}; known keys are {known}")
+    required = [f.name for f in unit_fields if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in settings]
+    if missing:
+        raise ContractError(f"jobs.{name}: missing required key(s) {missing}")
+
+
 def units_of_job(name: str, job: Mapping[str, Any]) -> List[Unit]:
     """The units of one job: itself, or one per entry of its ``test_sets``.
 
@@ -120,6 +139,7 @@ def units_of_job(name: str, job: Mapping[str, Any]) -> List[Unit]:
     (``<shard_subdir>/<test set>``) and its own ``provider_config`` (merged
     over the job's), ``params``, ``items`` and ``inputs``.
     """
+    check_job_keys(name, job, extra=("test_sets", "measure"))
     base = {k: v for k, v in job.items() if v is not None and k not in ("test_sets", "measure")}
     test_sets = job.get("test_sets") or []
     if not test_sets:
@@ -167,9 +187,12 @@ def units_from_config(config: Mapping[str, Any], protected_dirs: Iterable[Any] =
 
     No unit may write inside ``protected_dirs`` (relative to the working directory).
     """
+    jobs = config.get("jobs") if isinstance(config, Mapping) else None
+    if jobs is not None and not isinstance(jobs, Mapping):
+        raise ContractError(f"config 'jobs' must be a mapping of job name -> settings, got {type(jobs).__name__}")
     units: Dict[str, Unit] = {}
     protected_dirs = list(protected_dirs)
-    for job_name, job in (config.get("jobs") or {}).items():
+    for job_name, job in (jobs or {}).items():
         for unit in units_of_job(job_name, job):
             check_output_dir(unit, protected_dirs)
             if unit.root in units:

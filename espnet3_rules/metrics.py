@@ -31,7 +31,7 @@ from .artifacts import (
     unsafe_name_reason,
     write_prepared,
 )
-from .contracts import ContractError, class_path, import_object
+from .contracts import ContractError, class_path, env_dataset, import_object
 from .plan import jsonable, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -342,7 +342,7 @@ def provider_dataset_source(provider: Any) -> DatasetSource:
     if callable(build_dataset):
         build = lambda: build_dataset(config)  # noqa: E731 - deferred until a column is needed
     else:
-        build = lambda: provider.build_env_local()["dataset"]  # noqa: E731
+        build = lambda: env_dataset(provider, provider.build_env_local())  # noqa: E731
     identity = {
         "provider": class_path(type(provider)),
         "config": jsonable(config),

@@ -1,0 +1,72 @@
+"""The core package imports and runs jobs in a Python where ``import torch`` fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import core_fixtures as fx
+
+BLOCKER = '''\
+import sys
+
+
+class BlockTorch:
+    """Meta-path finder that makes every torch import fail."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+
+sys.meta_path.insert(0, BlockTorch())
+'''
+
+JOB = '''\
+import importlib, json, pkgutil, sys
+
+try:
+    import torch  # noqa: F401
+    blocked = False
+except ImportError:
+    blocked = True
+
+import espnet3_rules
+from espnet3_rules import InferenceRunner
+from espnet3_rules.cli import main
+import core_fixtures as fx
+
+modules = sorted(
+    m.name for m in pkgutil.walk_packages(espnet3_rules.__path__, "espnet3_rules.")
+    if not m.name.startswith("espnet3_rules.examples") and not m.name.endswith("__main__")
+)
+for name in modules:
+    importlib.import_module(name)
+
+out = sys.argv[1]
+text = fx.MyTextRunner(fx.WordsProvider({"n": 4}), output_dir=out, shard_subdir="text", n_shards=2)(range(4))
+scp = InferenceRunner(fx.CountingInferenceProvider({"n": 3}), output_dir=out, shard_subdir="scp", n_shards=2,
+                      input_key="word", output_fn="core_fixtures.to_record")(range(3))
+status = main(["status", "--manifest", f"{out}/scp/manifest.json"])
+print(json.dumps({"blocked": blocked, "modules": modules, "text": text, "scp": scp, "status": status,
+                  "torch_loaded": any(m == "torch" or m.startswith("torch.") for m in sys.modules)}))
+'''
+
+
+def test_core_package_works_where_torch_cannot_be_imported(tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BLOCKER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(fx.REPO), str(fx.TESTS)]))
+    proc = subprocess.run([sys.executable, "-c", JOB, str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["blocked"], "the blocker must make `import torch` fail"
+    assert not report["torch_loaded"]
+    assert {"espnet3_rules.cli", "espnet3_rules.shard", "espnet3_rules.inference_runner"} <= set(report["modules"])
+    assert report["text"] == {} and report["status"] == 0
+    assert (tmp_path / "out" / "text" / "text").read_text() == fx.expected_text(range(4))
+    assert report["scp"] == {"text": str(tmp_path / "out" / "scp" / "text.scp"),
+                             "length": str(tmp_path / "out" / "scp" / "length.scp")}
