@@ -3,18 +3,32 @@
 #
 #   scripts/slurm-cluster.sh install   # apt-get install slurm-wlm munge (root)
 #   scripts/slurm-cluster.sh start     # write slurm.conf, start munged/slurmctld/slurmd, wait for the node
-#   scripts/slurm-cluster.sh status
+#   scripts/slurm-cluster.sh status    # exit 0 when the node is up
 #   scripts/slurm-cluster.sh stop      # stops only the daemons this script started (PID files)
 #
-# Idempotent: start on a running cluster and stop on a stopped one do nothing.
+# Idempotent: start on a running cluster and stop on a stopped one do nothing. A SLURM
+# or munge that this script did not start is used as it is and never stopped.
 set -euo pipefail
 
 STATE_DIR=${SLURM_CLUSTER_STATE:-/run/espnet3-rules-slurm}
+PORT=${SLURM_CLUSTER_PORT:-6817}  # slurmctld's port; slurmd takes the next one
 CONF=/etc/slurm/slurm.conf
 
 log() { echo "slurm-cluster: $*" >&2; }
 
 running() { [ -f "$STATE_DIR/$1.pid" ] && kill -0 "$(cat "$STATE_DIR/$1.pid")" 2>/dev/null; }
+
+node_up() { sinfo -h -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; }
+
+launch() {  # name, pid file the daemon writes, command...: start a daemon, record its PID
+    local name=$1 pidfile=$2
+    shift 2
+    rm -f "$pidfile"  # a stale one from a killed daemon would be taken for the new PID
+    "$@"
+    for _ in $(seq 50); do [ -s "$pidfile" ] && break; sleep 0.1; done
+    [ -s "$pidfile" ] || { log "$name did not start; see its log"; exit 1; }
+    cp "$pidfile" "$STATE_DIR/$name.pid"
+}
 
 install() {
     if command -v slurmctld >/dev/null && command -v munged >/dev/null; then
@@ -34,6 +48,8 @@ write_conf() {
     cat >"$CONF" <<CONF
 ClusterName=local
 SlurmctldHost=$host
+SlurmctldPort=$PORT
+SlurmdPort=$((PORT + 1))
 SlurmUser=root
 AuthType=auth/munge
 ProctrackType=proctrack/linuxproc
@@ -59,6 +75,10 @@ CONF
 
 start_munge() {
     running munged && return
+    if munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
+        log "munge already works (not started here): using it"
+        return
+    fi
     if [ ! -s /etc/munge/munge.key ]; then
         mkdir -p /etc/munge
         dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
@@ -67,16 +87,11 @@ start_munge() {
     chmod 400 /etc/munge/munge.key
     mkdir -p /run/munge /var/lib/munge /var/log/munge
     chown munge:munge /run/munge /var/lib/munge /var/log/munge
-    su -s /bin/sh munge -c "munged --pid-file=/run/munge/munged.pid"
-    for _ in $(seq 50); do [ -s /run/munge/munged.pid ] && break; sleep 0.1; done
-    cp /run/munge/munged.pid "$STATE_DIR/munged.pid"
+    launch munged /run/munge/munged.pid su -s /bin/sh munge -c "munged --pid-file=/run/munge/munged.pid"
 }
 
 start_daemon() {  # name, pid file written by the daemon
-    running "$1" && return
-    "$1"
-    for _ in $(seq 50); do [ -s "$2" ] && break; sleep 0.1; done
-    cp "$2" "$STATE_DIR/$1.pid"
+    running "$1" || launch "$1" "$2" "$1"
 }
 
 start() {
@@ -86,12 +101,16 @@ start() {
         log "already running"
         return
     fi
-    write_conf
-    start_munge
-    start_daemon slurmctld /run/slurmctld.pid
-    start_daemon slurmd /run/slurmd.pid
+    if ! running slurmctld && [ -f "$CONF" ] && scontrol ping >/dev/null 2>&1; then
+        log "a slurmctld not started by this script answers: using it as it is"
+    else
+        write_conf
+        start_munge
+        start_daemon slurmctld /run/slurmctld.pid
+        start_daemon slurmd /run/slurmd.pid
+    fi
     for _ in $(seq 100); do
-        if sinfo -h -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
+        if node_up; then
             log "node $(hostname -s) up: $(sinfo -h -o '%P %t %c CPUs %m MB')"
             return
         fi
@@ -117,7 +136,8 @@ status() {
     for name in munged slurmctld slurmd; do
         if running "$name"; then echo "$name: running (pid $(cat "$STATE_DIR/$name.pid"))"; else echo "$name: stopped"; fi
     done
-    command -v sinfo >/dev/null && sinfo 2>/dev/null || true
+    sinfo 2>/dev/null || true
+    node_up
 }
 
 case "${1:-}" in
