@@ -18,7 +18,10 @@ log() { echo "slurm-cluster: $*" >&2; }
 
 running() { [ -f "$STATE_DIR/$1.pid" ] && kill -0 "$(cat "$STATE_DIR/$1.pid")" 2>/dev/null; }
 
-node_up() { sinfo -h -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; }
+# scontrol ping answers at once; sinfo and squeue retry for ~9 s when no slurmctld runs.
+controller_up() { [ -f "$CONF" ] && scontrol ping >/dev/null 2>&1; }
+
+node_up() { controller_up && sinfo -h -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; }
 
 launch() {  # name, pid file the daemon writes, command...: start a daemon, record its PID
     local name=$1 pidfile=$2
@@ -101,7 +104,7 @@ start() {
         log "already running"
         return
     fi
-    if ! running slurmctld && [ -f "$CONF" ] && scontrol ping >/dev/null 2>&1; then
+    if ! running slurmctld && controller_up; then
         log "a slurmctld not started by this script answers: using it as it is"
     else
         write_conf
@@ -136,7 +139,7 @@ status() {
     for name in munged slurmctld slurmd; do
         if running "$name"; then echo "$name: running (pid $(cat "$STATE_DIR/$name.pid"))"; else echo "$name: stopped"; fi
     done
-    sinfo 2>/dev/null || true
+    if controller_up; then sinfo; else echo "no slurmctld answers"; fi
     node_up
 }
 
