@@ -1,0 +1,655 @@
+#!/usr/bin/env python
+"""Benchmarks of espnet3-rules against a bare loop, ESPnet3 on Dask, and ``cat``.
+
+    python bench/run_bench.py                 # everything, medians of 3 runs (ESPnet3 fetched on first use)
+    python bench/run_bench.py --quick --no-espnet --parts inshard,plan,merge   # smoke run, seconds
+
+Parts (each prints one or more table rows with a ratio and its target):
+
+- ``inshard``  run_shard on one shard vs a bare loop calling the same forward with the same env.
+- ``workflow`` ``snakemake --cores 2`` (16 shards) vs ESPnet3's BaseRunner on a Dask LocalCluster
+  with 2 workers: the same user classes (``bench/espnet3_user.py``), only their import lines differ.
+- ``rerun``    Snakemake rerun after one of the shards failed vs the full run.
+- ``plan``     ``snakemake -n`` for 1,000 and 10,000 shards.
+- ``merge``    InferenceRunner.merge / concatenate_shard_files of ~1 GB of shard text vs ``cat``.
+
+ESPnet3 is never vendored: its wheel is downloaded with pip and unpacked into ``bench/.cache``,
+and dask is installed into the benchmark's own venv ``bench/.venv`` (both git-ignored).
+Scratch work goes to a temp dir that is removed at the end (``--keep`` keeps it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+USER_TEMPLATE = BENCH / "espnet3_user.py"
+RULES_USER = "rules_user"  # module name of the espnet3_rules copy of the user code
+ESPNET3_USER = "espnet3_user"
+IMPORT_SWITCH = {
+    "from espnet3.parallel.base_runner import": "from espnet3_rules.base_runner import",
+    "from espnet3.parallel.env_provider import": "from espnet3_rules.env_provider import",
+}
+ESPNET3_BENCH_DEPS = ["dask[distributed]==2026.8.0", "dask-jobqueue==0.9.0", "typeguard==4.6.1"]
+PARTS = ("inshard", "workflow", "rerun", "plan", "merge")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Problem sizes of one benchmark run."""
+
+    inshard_items: int = 100_000
+    utts: int = 2_000  # tone-ASR test set of the workflow and rerun parts
+    shards: int = 16  # of the workflow and rerun parts
+    extra_shards: Sequence[int] = (2,)  # further workflow rows: as many shards as ESPnet3 makes (one per worker)
+    batch_size: int = 4
+    workers: int = 2  # snakemake --cores and Dask LocalCluster n_workers
+    plan_shards: Sequence[int] = (1_000, 10_000)
+    plan_items: int = 100_000
+    merge_bytes: int = 1_000_000_000
+    merge_shards: int = 16
+    repeats: int = 3
+
+
+QUICK = Sizes(
+    inshard_items=20_000, utts=16, shards=4, extra_shards=(), plan_shards=(10, 100), plan_items=1_000,
+    merge_bytes=16_000_000, repeats=1,
+)  # fmt: skip
+
+
+@dataclass
+class Row:
+    """One table row: ours vs a reference, as medians of seconds (or items/s where noted)."""
+
+    part: str
+    ours: str
+    ours_s: float
+    ref: str
+    ref_s: Optional[float]
+    ratio: Optional[float]
+    target: str
+    met: Optional[bool]
+    note: str = ""
+    samples: Dict[str, List[float]] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- helpers
+def median(values: Sequence[float]) -> float:
+    """Median of measured values."""
+    return statistics.median(values)
+
+
+def run(cmd: Sequence[str], env: Dict[str, str], cwd: Path, log: Path, check: bool = True) -> float:
+    """Run ``cmd`` with stdout/stderr to ``log``; return its wall time in seconds."""
+    with log.open("w") as out:
+        start = time.perf_counter()
+        proc = subprocess.run(list(cmd), env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - start
+    if check and proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}); log {log}:\n{tail}")
+    return wall
+
+
+def pythonpath(*dirs: Path) -> str:
+    """``PYTHONPATH`` with ``dirs`` first, then this checkout, then the caller's."""
+    parts = [str(d) for d in dirs] + [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(parts)
+
+
+def switch_imports(source: str) -> str:
+    """The ESPnet3 user code with its import lines pointed at espnet3_rules (nothing else changes)."""
+    for old, new in IMPORT_SWITCH.items():
+        if old not in source:
+            raise RuntimeError(f"{USER_TEMPLATE}: expected an import line starting {old!r}")
+        source = source.replace(old, new)
+    return source
+
+
+def write_rules_user(directory: Path) -> Path:
+    """Write ``rules_user.py`` (the switched copy of the user code) into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{RULES_USER}.py"
+    path.write_text(switch_imports(USER_TEMPLATE.read_text(encoding="utf-8")), encoding="utf-8")
+    return path
+
+
+def write_scontrol_stub(directory: Path) -> Path:
+    """A ``scontrol`` that fails at once, to put first on Snakemake's PATH.
+
+    Importing snakemake-executor-plugin-slurm (every ``snakemake`` start, local runs
+    too) runs ``scontrol show config`` wherever ``sinfo`` exists; with a SLURM client
+    but no reachable controller that waits 9-60 s. These benchmarks run locally, so
+    the probe is answered by this stub instead.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    stub = directory / "scontrol"
+    stub.write_text("#!/bin/sh\nexit 1\n", encoding="utf-8")
+    stub.chmod(0o755)
+    return directory
+
+
+def interleaved(measures: Dict[str, Callable[[], float]], repeats: int) -> Dict[str, List[float]]:
+    """Run each measurement ``repeats`` times, alternating their order between rounds."""
+    names = list(measures)
+    samples: Dict[str, List[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            samples[name].append(measures[name]())
+    return samples
+
+
+def tool_version(module: str, python: str = sys.executable) -> str:
+    """``module.__version__`` as seen by ``python`` (or 'absent')."""
+    code = f"import {module}; print({module}.__version__)"
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else "absent"
+
+
+def machine_info(espnet: Optional["Espnet3"]) -> Dict[str, Any]:
+    """CPU, memory, load and versions, for the report."""
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+        platform.processor(),
+    )
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    info = {
+        "cpu": f"{cpu} x {os.cpu_count()}",
+        "memory": f"{mem_kb / 2**20:.0f} GiB",
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "snakemake": tool_version("snakemake"),
+        "torch": tool_version("torch"),
+        "espnet3-rules commit": commit.stdout.strip() or "unknown",
+        "load average (1/5/15 min) at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+    if espnet is not None:
+        info["espnet wheel"] = espnet.version
+        info["dask / distributed (bench venv)"] = f"{tool_version('dask', espnet.python)} / {tool_version('distributed', espnet.python)}"
+    return info
+
+
+# ------------------------------------------------------------------------ ESPnet3 setup
+@dataclass
+class Espnet3:
+    """An unpacked ESPnet3 wheel and a venv python with dask to run it."""
+
+    version: str
+    root: Path  # holds espnet3/
+    python: str
+
+    def env(self, *dirs: Path) -> Dict[str, str]:
+        """Environment for a process importing espnet3 and the user code in ``dirs``."""
+        return dict(os.environ, PYTHONPATH=pythonpath(self.root, *dirs))
+
+
+def setup_espnet3(cache: Path, version: str, venv: Path) -> Espnet3:
+    """Download and unpack the espnet wheel (``espnet3/`` only) and make the bench venv with dask."""
+    root = cache / f"espnet-{version}"
+    if not (root / "espnet3" / "parallel" / "base_runner.py").exists():
+        wheels = cache / "wheels"
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", f"espnet=={version}", "--no-deps", "--only-binary=:all:",
+             "--python-version", "3.12", "-d", str(wheels), "--quiet"],
+            check=True,
+        )  # fmt: skip
+        wheel = next(wheels.glob(f"espnet-{version}-*.whl"))
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(tmp, [n for n in archive.namelist() if n.startswith("espnet3/")])
+        os.replace(tmp, root)
+    source = (root / "espnet3" / "parallel" / "base_runner.py").read_text(encoding="utf-8")
+    if "def is_shard_done" not in source or "resume" not in source:
+        raise RuntimeError(f"espnet {version}: espnet3/parallel/base_runner.py has no resume/done support")
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    if tool_version("distributed", str(python)) == "absent" or tool_version("dask_jobqueue", str(python)) == "absent":
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *ESPNET3_BENCH_DEPS], check=True)
+    return Espnet3(version=version, root=root, python=str(python))
+
+
+def espnet3_main(argv: Sequence[str]) -> int:
+    """Run the tone-ASR decode with ESPnet3's BaseRunner on a Dask LocalCluster (in the bench venv)."""
+    parser = argparse.ArgumentParser(prog="run_bench.py _espnet3")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    from omegaconf import OmegaConf
+
+    import espnet3_user as user
+    from espnet3.parallel.parallel import set_parallel
+    from espnet3_rules.examples.tone_asr import KaldiDataset
+
+    set_parallel(OmegaConf.create({"env": "local", "n_workers": args.workers, "options": {}}))
+    provider = user.ToneDecodeProvider(OmegaConf.create({"data_dir": args.data_dir}))
+    runner = user.ToneDecodeRunner(provider, batch_size=args.batch_size, output_dir=args.output_dir, shard_subdir="decode")
+    runner(range(len(KaldiDataset(args.data_dir))))
+    return 0
+
+
+# ------------------------------------------------------------------------- workloads
+class Workspace:
+    """Scratch directory of one benchmark run: user modules, data, Snakemake work dirs."""
+
+    def __init__(self, root: Path, cache: Path, sizes: Sizes):
+        self.root, self.cache, self.sizes = root, cache, sizes
+        self.user_dir = root / "user"
+        write_rules_user(self.user_dir)
+        self.stub_dir = write_scontrol_stub(root / "bin")
+        self._count = 0
+
+    def fresh_dir(self, name: str) -> Path:
+        """A new, empty directory under the workspace."""
+        self._count += 1
+        path = self.root / f"{self._count:03d}-{name}"
+        path.mkdir(parents=True)
+        return path
+
+    def tone_data(self) -> Path:
+        """The tone-ASR test set (cached across runs; utterance i depends only on the seed and i)."""
+        data = self.cache / f"tone_test_{self.sizes.utts}"
+        if not (data / "wav.scp").exists():
+            from espnet3_rules.examples.tone_asr import prepare_data
+
+            prepare_data(data, n_utts=self.sizes.utts, seed=0)
+        return data
+
+    def snakemake_env(self) -> Dict[str, str]:
+        """Environment of a Snakemake run that imports the switched user code (``scontrol`` stubbed)."""
+        path = os.pathsep.join([str(self.stub_dir), os.environ.get("PATH", "")])
+        return dict(os.environ, PYTHONPATH=pythonpath(self.user_dir), PATH=path)
+
+    def snakemake(self, workdir: Path, jobs: Dict[str, Any], *args: str, check: bool = True, log: str = "snakemake.log") -> float:
+        """Write ``workdir/config.yaml`` and time ``snakemake`` on the project's Snakefile there."""
+        import yaml
+
+        config = workdir / "config.yaml"
+        config.write_text(yaml.safe_dump({"jobs": jobs}), encoding="utf-8")
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+               "--configfile", str(config), *args]  # fmt: skip
+        return run(cmd, self.snakemake_env(), workdir, workdir / log, check=check)
+
+    def decode_job(self, data: Path, n_shards: int) -> Dict[str, Any]:
+        """The tone-ASR decode job of the workflow and rerun parts."""
+        return {
+            "decode": {
+                "runner": f"{RULES_USER}.ToneDecodeRunner",
+                "provider": f"{RULES_USER}.ToneDecodeProvider",
+                "provider_config": {"data_dir": str(data)},
+                "n_shards": n_shards,
+                "batch_size": self.sizes.batch_size,
+                "items": self.sizes.utts,  # ESPnet3's caller passes range(n) too
+                "output_dir": "results",
+                "shard_subdir": "decode",
+                "inputs": [str(data / "wav.scp")],
+            }
+        }
+
+    def run_decode(self, data: Path, n_shards: int, workdir: Path, *args: str, check: bool = True, log: str = "snakemake.log") -> float:
+        """``snakemake --cores W`` of the decode job in ``workdir``."""
+        job = self.decode_job(data, n_shards)
+        return self.snakemake(workdir, job, "--cores", str(self.sizes.workers), *args, check=check, log=log)
+
+
+# ------------------------------------------------------------------------------ parts
+def bench_inshard(ws: Workspace) -> List[Row]:
+    """run_shard on one shard vs a bare loop over the same forward and env (trivial forward)."""
+    sys.path.insert(0, str(ws.user_dir))
+    import rules_user as user
+    from omegaconf import OmegaConf
+
+    from espnet3_rules.plan import write_manifest
+    from espnet3_rules.shard import build_worker_env, run_shard
+
+    n = ws.sizes.inshard_items
+    rows = []
+    for runner_cls, keep_in_state in ((user.EchoRunner, True), (user.EchoTextRunner, False)):
+        what = "results kept in state" if keep_in_state else "one text line per item"
+        root = ws.fresh_dir(f"inshard-{runner_cls.__name__}")
+        runner = runner_cls(user.EchoProvider(OmegaConf.create({"n_items": n})), output_dir=root, shard_subdir="engine")
+        plan = runner.plan(range(n))
+        write_manifest(plan)
+        base_env = build_worker_env(runner)
+        env = runner.runtime_env(base_env)
+        items = plan.shards[0]
+
+        def engine() -> float:
+            with open(os.devnull, "w") as devnull:
+                stderr, sys.stderr = sys.stderr, devnull  # tqdm writes here, as to a shard's log file
+                try:
+                    start = time.perf_counter()
+                    run_shard(runner, plan, 0, base_env)
+                    return time.perf_counter() - start
+                finally:
+                    sys.stderr = stderr
+
+        def bare() -> float:
+            shard_dir = root / "bare"
+            shard_dir.mkdir(exist_ok=True)
+            forward, start = runner_cls.forward, time.perf_counter()
+            if keep_in_state:
+                results = []
+                for item in items:
+                    results.append(forward(item, **env))
+            else:
+                writers, state, write_record = runner_cls.open_writers(shard_dir, **env), {}, runner_cls.write_record
+                for item in items:
+                    write_record(writers, forward(item, **env), state, **env)
+                runner_cls.close_writers(writers, state, **env)
+            return time.perf_counter() - start
+
+        samples = interleaved({"engine": engine, "bare": bare}, ws.sizes.repeats)
+        ours, ref = median(samples["engine"]), median(samples["bare"])
+        ratio = ref / ours  # throughput ratio
+        rows.append(
+            Row("in-shard throughput", f"run_shard, {what} ({n / ours:,.0f} items/s)", ours,
+                f"bare loop, forward -> {'list.append' if keep_in_state else 'write_record'} ({n / ref:,.0f} items/s)", ref, ratio, ">= 0.9x", ratio >= 0.9,
+                f"{n:,} items, trivial forward; ratio = throughput", samples)
+        )  # fmt: skip
+    return rows
+
+
+def bench_workflow(ws: Workspace, espnet: Optional[Espnet3]) -> List[Row]:
+    """snakemake --cores W (S shards) vs ESPnet3 BaseRunner on a Dask LocalCluster with W workers."""
+    sizes, data = ws.sizes, ws.tone_data()
+    outputs: Dict[str, Path] = {}
+
+    def ours(n_shards: int) -> Callable[[], float]:
+        def measure() -> float:
+            workdir = ws.fresh_dir(f"workflow{n_shards}")
+            wall = ws.run_decode(data, n_shards, workdir)
+            outputs[f"ours{n_shards}"] = workdir / "results" / "decode" / "hyp.scp"
+            return wall
+
+        return measure
+
+    def theirs() -> float:
+        assert espnet is not None
+        out = ws.fresh_dir("espnet3")
+        cmd = [espnet.python, str(Path(__file__).resolve()), "_espnet3", "--data-dir", str(data),
+               "--output-dir", str(out / "results"), "--workers", str(sizes.workers),
+               "--batch-size", str(sizes.batch_size)]  # fmt: skip
+        wall = run(cmd, espnet.env(BENCH), out, out / "espnet3.log")
+        outputs["espnet3"] = out / "results" / "decode" / "hyp.scp"
+        return wall
+
+    shard_counts = [sizes.shards, *sizes.extra_shards]
+    measures = {f"ours{n}": ours(n) for n in shard_counts}
+    if espnet is not None:
+        measures["espnet3"] = theirs
+    samples = interleaved(measures, sizes.repeats)
+    what = f"tone-ASR decode, {sizes.utts:,} utts, batch {sizes.batch_size}"
+    ref_label = f"ESPnet3 BaseRunner, Dask LocalCluster({sizes.workers} workers)"
+    ref_s = median(samples["espnet3"]) if espnet is not None else None
+    rows = []
+    for n in shard_counts:
+        ours_s = median(samples[f"ours{n}"])
+        note = what
+        if espnet is not None:
+            same = outputs[f"ours{n}"].read_bytes() == outputs["espnet3"].read_bytes()
+            note += f"; hyp.scp {'identical to' if same else 'DIFFERS from'} ESPnet3's"
+        rows.append(
+            Row("workflow wall time", f"snakemake --cores {sizes.workers}, {n} shards", ours_s,
+                ref_label if espnet is not None else "ESPnet3 (skipped)", ref_s,
+                None if ref_s is None else ours_s / ref_s, "<= 1.0x", None if ref_s is None else ours_s <= ref_s,
+                note, {k: v for k, v in samples.items() if k in (f"ours{n}", "espnet3")})
+        )  # fmt: skip
+    return rows
+
+
+def shard_of(item: int, n_items: int, n_shards: int, batch_size: int) -> int:
+    """Shard id holding ``item`` under the plan's contiguous balanced split of batches."""
+    n_batches = -(-n_items // batch_size)
+    quotient, remainder = divmod(n_batches, n_shards)
+    batch, start = item // batch_size, 0
+    for shard_id in range(n_shards):
+        start += quotient + (1 if shard_id < remainder else 0)
+        if batch < start:
+            return shard_id
+    raise ValueError(item)
+
+
+def bench_rerun(ws: Workspace, full_runs: Optional[List[float]]) -> List[Row]:
+    """Snakemake rerun after one shard failed (its wav made unreadable, then restored) vs the full run."""
+    sizes, data = ws.sizes, ws.tone_data()
+    from espnet3_rules.examples.tone_asr.data import read_kaldi_map
+
+    victim = sizes.utts // 2
+    wav = Path(read_kaldi_map(data / "wav.scp")[victim][1])
+    failed_shard = shard_of(victim, sizes.utts, sizes.shards, sizes.batch_size)
+    reruns, fails = [], []
+    for _ in range(sizes.repeats):
+        workdir = ws.fresh_dir("rerun")
+        hidden = wav.with_name(wav.name + ".hidden")
+        os.replace(wav, hidden)  # the poison: one utterance's audio is missing
+        try:
+            fails.append(ws.run_decode(data, sizes.shards, workdir, "--keep-going", check=False))
+        finally:
+            os.replace(hidden, wav)
+        done = [(workdir / f"results/decode/split.{i}/done").exists() for i in range(sizes.shards)]
+        if done.count(False) != 1 or done[failed_shard]:
+            raise RuntimeError(f"expected only shard {failed_shard} to fail, done flags: {done}")
+        reruns.append(ws.run_decode(data, sizes.shards, workdir, log="rerun.log"))
+        if "localrule shard:" not in (workdir / "rerun.log").read_text() or not (workdir / "results/decode/merge.done").exists():
+            raise RuntimeError(f"rerun in {workdir} did not rerun the failed shard and merge")
+    if not full_runs:
+        full_runs = [ws.run_decode(data, sizes.shards, ws.fresh_dir("full")) for _ in range(sizes.repeats)]
+    rerun_s, full_s = median(reruns), median(full_runs)
+    return [
+        Row("rerun after 1 failed shard", f"snakemake rerun (1 of {sizes.shards} shards + merge)", rerun_s,
+            "full snakemake run", full_s, rerun_s / full_s, "<= 0.15x", rerun_s / full_s <= 0.15,
+            f"the run with the failure took {median(fails):.1f} s", {"rerun": reruns, "full": full_runs, "failing run": fails})
+    ]  # fmt: skip
+
+
+def bench_plan(ws: Workspace) -> List[Row]:
+    """``snakemake -n`` wall time for jobs of many shards (trivial job, enough items)."""
+    rows = []
+    for n_shards, limit in zip(ws.sizes.plan_shards, (5.0, 30.0)):
+        job = {
+            "echo": {
+                "runner": f"{RULES_USER}.EchoRunner",
+                "provider": f"{RULES_USER}.EchoProvider",
+                "provider_config": {"n_items": ws.sizes.plan_items},
+                "items": ws.sizes.plan_items,
+                "n_shards": n_shards,
+                "output_dir": "results",
+                "shard_subdir": "echo",
+            }
+        }
+        samples = [ws.snakemake(ws.fresh_dir(f"plan{n_shards}"), job, "-n") for _ in range(ws.sizes.repeats)]
+        ours = median(samples)
+        rows.append(
+            Row("dry-run planning", f"snakemake -n, {n_shards:,} shards", ours, f"target {limit:.0f} s", limit,
+                ours / limit, f"<= {limit:.0f} s", ours <= limit, f"{ws.sizes.plan_items:,} items", {"dry-run": samples})
+        )  # fmt: skip
+    return rows
+
+
+def write_shard_text(root: Path, n_shards: int, total_bytes: int) -> List[Path]:
+    """``split.N/hyp.scp`` + ``field_keys.txt`` for ``n_shards`` shards, ~``total_bytes`` of scp lines."""
+    words = "the quick brown fox jumps over the lazy dog and decodes another utterance"
+    per_shard, block = total_bytes // n_shards, 20_000
+    dirs = []
+    for shard_id in range(n_shards):
+        shard_dir = root / f"split.{shard_id}"
+        shard_dir.mkdir(parents=True)
+        (shard_dir / "field_keys.txt").write_text("hyp\n", encoding="utf-8")
+        written, i = 0, 0
+        with (shard_dir / "hyp.scp").open("w", encoding="utf-8") as f:
+            while written < per_shard:
+                chunk = "".join(f"utt{shard_id:03d}-{j:09d} {words}\n" for j in range(i, i + block))
+                f.write(chunk)
+                written, i = written + len(chunk), i + block
+        dirs.append(shard_dir)
+    return dirs
+
+
+def bench_merge(ws: Workspace) -> List[Row]:
+    """Merging ~merge_bytes of shard text vs ``cat`` of the same files."""
+    from espnet3_rules import InferenceRunner
+    from espnet3_rules.base_runner import concatenate_shard_files
+
+    root = ws.fresh_dir("merge")
+    shard_dirs = write_shard_text(root, ws.sizes.merge_shards, ws.sizes.merge_bytes)
+    size = sum((d / "hyp.scp").stat().st_size for d in shard_dirs)
+    fragments = [str(d / "hyp.scp") for d in shard_dirs]
+    runner = InferenceRunner(provider=None, output_dir=root, shard_subdir="")
+    out = root / "out.scp"
+
+    def cat() -> float:
+        out.unlink(missing_ok=True)
+        with out.open("wb") as f:
+            start = time.perf_counter()
+            subprocess.run(["cat", *fragments], stdout=f, check=True)
+            return time.perf_counter() - start
+
+    def cat_fsync() -> float:
+        start = time.perf_counter()
+        cat()
+        with out.open("rb+") as f:
+            os.fsync(f.fileno())
+        return time.perf_counter() - start
+
+    def concatenate() -> float:
+        start = time.perf_counter()
+        concatenate_shard_files(shard_dirs, "hyp.scp", out)
+        return time.perf_counter() - start
+
+    def merge() -> float:
+        start = time.perf_counter()
+        runner.merge(shard_dirs)
+        return time.perf_counter() - start
+
+    samples = interleaved({"cat": cat, "cat_fsync": cat_fsync, "concatenate": concatenate, "merge": merge}, ws.sizes.repeats)
+    if not filecmp.cmp(root / "hyp.scp", out, shallow=False):
+        raise RuntimeError(f"merged {root / 'hyp.scp'} differs from cat's {out}")
+    cat_s = median(samples["cat"])
+    rows = []
+    for name, label in (("concatenate", "concatenate_shard_files"), ("merge", "InferenceRunner.merge (+ unique-id check)")):
+        ours = median(samples[name])
+        rows.append(
+            Row("merge throughput", f"{label} ({size / ours / 1e6:,.0f} MB/s)", ours, f"cat ({size / cat_s / 1e6:,.0f} MB/s)",
+                cat_s, cat_s / ours, ">= 0.5x", cat_s / ours >= 0.5,
+                f"{size / 1e9:.2f} GB in {len(shard_dirs)} shards; ratio = throughput", {name: samples[name], "cat": samples["cat"]})
+        )  # fmt: skip
+    synced = median(samples["cat_fsync"])
+    concat = median(samples["concatenate"])
+    rows.append(
+        Row("merge throughput", "concatenate_shard_files", concat, "cat, then fsync (same durability)", synced,
+            synced / concat, "(context)", None, "merge writes to a temp file, fsyncs it and renames it", samples)
+    )  # fmt: skip
+    for path in [root / "hyp.scp", out, *fragments]:
+        Path(path).unlink(missing_ok=True)  # free the disk space at once
+    return rows
+
+
+# ------------------------------------------------------------------------------ report
+def fmt_s(value: Optional[float]) -> str:
+    """Seconds with 3 significant digits ('-' for none)."""
+    return "-" if value is None else f"{value:.3g} s"
+
+
+def table(rows: Sequence[Row]) -> str:
+    """The results as a Markdown table."""
+    lines = [
+        "| part | ours | median | reference | median | ratio | target | met |",
+        "| --- | --- | ---: | --- | ---: | ---: | --- | --- |",
+    ]
+    for r in rows:
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
+        met = "-" if r.met is None else ("yes" if r.met else "**no**")
+        lines.append(f"| {r.part} | {r.ours} | {fmt_s(r.ours_s)} | {r.ref} | {fmt_s(r.ref_s)} | {ratio} | {r.target} | {met} |")
+    notes = [f"- {r.part} / {r.ours}: {r.note}" for r in rows if r.note]
+    return "\n".join(lines + [""] + notes)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the selected parts and print machine info and the table."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_espnet3"]:
+        return espnet3_main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one run each (smoke test)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--repeats", type=int, help="runs per measurement (default 3; 1 with --quick)")
+    parser.add_argument("--no-espnet", action="store_true", help="skip ESPnet3 (no download, no venv)")
+    parser.add_argument("--espnet-version", default="202611", help="espnet wheel holding espnet3/parallel")
+    parser.add_argument("--cache-dir", type=Path, default=BENCH / ".cache", help="wheel, test data (git-ignored)")
+    parser.add_argument("--venv", type=Path, default=BENCH / ".venv", help="venv with dask for ESPnet3 (git-ignored)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--json", type=Path, help="also write the rows and machine info as JSON here")
+    args = parser.parse_args(argv)
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown parts {unknown}; choose from {','.join(PARTS)}")
+    sizes = QUICK if args.quick else Sizes()
+    if args.repeats:
+        sizes = replace(sizes, repeats=args.repeats)
+
+    espnet = None
+    if "workflow" in parts and not args.no_espnet:
+        try:
+            espnet = setup_espnet3(args.cache_dir, args.espnet_version, args.venv)
+        except (OSError, RuntimeError, subprocess.CalledProcessError, StopIteration) as exc:
+            print(f"ESPnet3 comparison skipped: {exc}", file=sys.stderr)
+
+    info = machine_info(espnet)
+    scratch = Path(tempfile.mkdtemp(prefix="espnet3-rules-bench-"))
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    ws = Workspace(scratch, args.cache_dir, sizes)
+    rows: List[Row] = []
+    try:
+        if "inshard" in parts:
+            rows += bench_inshard(ws)
+        if "workflow" in parts:
+            rows += bench_workflow(ws, espnet)
+        if "rerun" in parts:
+            full = next((r.samples[f"ours{sizes.shards}"] for r in rows if f"ours{sizes.shards}" in r.samples), None)
+            rows += bench_rerun(ws, full)
+        if "plan" in parts:
+            rows += bench_plan(ws)
+        if "merge" in parts:
+            rows += bench_merge(ws)
+    finally:
+        if args.keep:
+            print(f"scratch kept in {scratch}", file=sys.stderr)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    info["load average (1/5/15 min) at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    info["runs per measurement"] = sizes.repeats
+
+    print("\n".join(f"- {k}: {v}" for k, v in info.items()))
+    print()
+    print(table(rows))
+    if args.json:
+        payload = {"machine": info, "rows": [r.__dict__ for r in rows]}
+        args.json.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
