@@ -86,8 +86,16 @@ def cmd_run_shard(args: argparse.Namespace) -> int:
         env = build_worker_env(runner)
         env.setdefault("device", device)
         run_shard(runner, plan, args.shard, env)
-    print(f"{plan.shard_dir(args.shard)}: done ({len(plan.shards[args.shard])} items)")
+    print(f"{plan.shard_dir(args.shard)}: done ({len(plan.shards[args.shard])} items; {_usage()})")
     return 0
+
+
+def _usage() -> str:
+    """CPU time and peak memory of this process (Snakemake's benchmark sees only a fork-server client)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return f"{usage.ru_utime + usage.ru_stime:.2f} s CPU, {usage.ru_maxrss / 1024:.0f} MB peak RSS"
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -44,7 +45,8 @@ def test_plan_run_shard_merge_status(tmp_path):
                    "run those shards first")
 
     ran = fx.cli("run-shard", "--manifest", manifest, "--shard", 2)
-    assert ran.stdout.strip() == f"{tmp_path / 'out' / 'split.2'}: done (3 items)"
+    assert re.fullmatch(rf"{re.escape(str(tmp_path / 'out' / 'split.2'))}: done \(3 items; [\d.]+ s CPU, \d+ MB peak RSS\)",
+                        ran.stdout.strip())
     status = fx.cli("status", *job, check=False)
     assert status.returncode == 3 and status.stdout.strip().endswith("1 done, pending: [0, 1]")
     for shard in (0, 1):
