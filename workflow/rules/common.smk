@@ -2,7 +2,7 @@ import json
 import re
 import sys
 
-from espnet3_rules.jobs import Unit, describe_unit, exit_on_contract_error, measure_specs, units_from_config
+from espnet3_rules.jobs import GROWING_RESOURCES, Unit, describe_unit, exit_on_contract_error, measure_specs, units_from_config
 
 # One unit per job: <output_dir>/<shard_subdir> holds manifest.json, split.N/, merge.done.
 # Contract errors stop snakemake (also -n) with one line; no job may write into config/.
@@ -37,9 +37,22 @@ def measure_of(wildcards):
     return MEASURES[wildcards.metrics_dir]
 
 
+def per_shard(value_of):
+    """``value_of(unit)`` for the shard rule: the value itself where every job has the same,
+    else a function of the shard's wildcards (which Snakemake inspects and calls per shard,
+    the larger part of a 10,000-shard dry-run)."""
+    values = [value_of(unit) for unit in UNITS.values()]
+    if values and all(value == values[0] for value in values):
+        return values[0]
+    return lambda wildcards: value_of(unit_of(wildcards))
+
+
 def shard_resource(name):
-    """Per-shard resource ``name`` of the job (``resources:`` config), grown per retry attempt."""
-    return lambda wildcards, attempt: unit_of(wildcards).shard_resource(name, attempt)
+    """Per-shard resource ``name`` of the job (``resources:`` config); ``mem_mb`` and
+    ``runtime`` grow per retry attempt unless ``attempt_scale`` is 1."""
+    if name in GROWING_RESOURCES and any(u.shard_resource("attempt_scale") != 1 for u in UNITS.values()):
+        return lambda wildcards, attempt: unit_of(wildcards).shard_resource(name, attempt)
+    return per_shard(lambda unit: unit.shard_resource(name))
 
 
 def all_targets():

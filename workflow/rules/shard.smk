@@ -2,7 +2,7 @@ rule shard:
     """One shard: build the env once, forward over its items, write split.N/done last."""
     input:
         manifest="{unit}/manifest.json",
-        data=lambda w: unit_of(w).inputs,
+        data=per_shard(lambda unit: unit.inputs),
     output:
         "{unit}/split.{i}/done",
     conda:
@@ -12,8 +12,8 @@ rule shard:
     benchmark:
         "{unit}/benchmarks/split.{i}.tsv"
     group:
-        lambda w: unit_of(w).shard_group()
-    threads: lambda w: unit_of(w).shard_resource("threads")
+        per_shard(Unit.shard_group)
+    threads: shard_resource("threads")
     resources:
         mem_mb=shard_resource("mem_mb"),
         runtime=shard_resource("runtime"),
