@@ -101,20 +101,37 @@ def test_a_changed_source_file_is_never_served_stale(env, tmp_path):
     assert client(env, "import", "fs_changing", cwd=tmp_path, check_status=0).stdout.strip() == "2"
 
 
-def test_a_killed_client_takes_its_child_down(env, tmp_path):
-    pid_file = tmp_path / "child.pid"
-    proc = subprocess.Popen([sys.executable, "-c", CLIENT, "sleep", str(pid_file)], env=env, cwd=tmp_path)
+def wait_for_pid(pid_file, proc):
+    """The pid a ``sleep`` command wrote, once it started."""
     deadline = time.monotonic() + 30
     while not pid_file.exists() or not pid_file.read_text():
         assert time.monotonic() < deadline and proc.poll() is None, "the child never started"
         time.sleep(0.05)
-    child = int(pid_file.read_text())
+    return int(pid_file.read_text())
+
+
+def running(pid):
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid):
+    deadline = time.monotonic() + 10
+    while running(pid):
+        assert time.monotonic() < deadline, f"process {pid} is still running"
+        time.sleep(0.05)
+
+
+def test_a_killed_client_takes_its_child_down(env, tmp_path):
+    pid_file = tmp_path / "child.pid"
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, "sleep", str(pid_file)], env=env, cwd=tmp_path)
+    child = wait_for_pid(pid_file, proc)
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{child}").exists():
-        assert time.monotonic() < deadline, f"child {child} outlived its killed client"
-        time.sleep(0.05)
+    wait_gone(child)
 
 
 @pytest.mark.parametrize("switch", [{"SLURM_JOB_ID": "42"}, {forkserver.SWITCH_ENV: "0"}])
@@ -122,3 +139,15 @@ def test_off_inside_slurm_jobs_and_when_switched_off(env, tmp_path, switch):
     ran = client(dict(env, **switch), "info", cwd=tmp_path, check_status=0)
     assert "ran in-process" in ran.stderr
     assert not list(Path(env["XDG_RUNTIME_DIR"]).glob("espnet3-rules-*/*.sock"))
+
+
+def test_a_killed_server_takes_its_children_down_and_the_client_fails(env, tmp_path):
+    pid_file = tmp_path / "child.pid"
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, "sleep", str(pid_file)], env=env, cwd=tmp_path,
+                            stderr=subprocess.PIPE, text=True)
+    child = wait_for_pid(pid_file, proc)
+    server = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    os.kill(server, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "fork server ended while running" in stderr
+    wait_gone(child)
