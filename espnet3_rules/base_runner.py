@@ -13,7 +13,7 @@ import pickle
 import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .contracts import ContractError, check_forward_env, check_runner_class, class_path, env_kwargs
 from .plan import ShardPlan, jsonable, make_plan, write_manifest
@@ -252,25 +252,24 @@ class BaseRunner(ABC):
 
     # ----------------------------------------------------- engine plumbing
     @classmethod
-    def reducer(cls, shard_id: int, env: Dict[str, Any]) -> Optional[Callable[[Dict[str, Any], Any], Dict[str, Any]]]:
-        """``(state, result) -> state`` with the env bound once per shard.
+    def record_hook(cls, shard_id: int, env: Dict[str, Any]) -> Tuple[str, Optional[Callable[..., Any]], Dict[str, Any]]:
+        """How the engine folds each ``forward`` result into the shard state, the env bound once per shard.
 
-        ``None`` means the default hooks are in place: results are simply
-        appended to ``state["records"]`` (the engine does that without a call).
+        - ``("reduce", reduce_state, env)`` where ``reduce_state`` is overridden:
+          ``state = reduce_state(state, result, **env)``;
+        - ``("append", None, {})`` for the default hooks: results are appended to
+          ``state["records"]`` without a call;
+        - ``("write", write_record, kwargs)`` for writer hooks:
+          ``write_record(state["_writers"], result, state, **kwargs)``, called by the
+          shard loop itself (no wrapper frame per item).
         """
+        hook_env = {"shard_id": shard_id, **env}
         if cls.reduce_state.__func__ is not BaseRunner.reduce_state.__func__:
-            reduce_env = {"shard_id": shard_id, **env}
-            return lambda state, result: cls.reduce_state(state, result, **reduce_env)
+            return "reduce", cls.reduce_state, hook_env
         write_record = cls.write_record
         if write_record is BaseRunner.write_record:
-            return None
-        kwargs = env_kwargs(write_record, {"shard_id": shard_id, **env}, 3)
-
-        def write(state: Dict[str, Any], result: Any) -> Dict[str, Any]:
-            write_record(state["_writers"], result, state, **kwargs)
-            return state
-
-        return write
+            return "append", None, {}
+        return "write", write_record, env_kwargs(write_record, hook_env, 3)
 
     def plan_spec(self) -> Dict[str, Any]:
         """What determines results besides the items; also rebuilds the runner in a shard process."""
