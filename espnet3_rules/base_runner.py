@@ -7,12 +7,13 @@ through the same plan / run-shard / merge engine that the Snakemake rules call.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .contracts import ContractError, check_forward_env, check_runner_class, class_path, env_kwargs
 from .plan import ShardPlan, jsonable, make_plan, write_manifest
@@ -20,12 +21,75 @@ from .plan import ShardPlan, jsonable, make_plan, write_manifest
 STATE_NAME = "_state.pkl"
 
 
+#: Errors with which the kernel refuses ``copy_file_range`` between two files (the copy then
+#: goes through Python buffers): no such call, across file systems, not for this file system
+#: or file, blocked by a seccomp filter.
+_COPY_RANGE_REFUSED = frozenset(
+    {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM}
+)
+COPY_BLOCK = 1 << 20
+
+
+def append_file(path: Path, out: BinaryIO) -> None:
+    """Append the bytes of ``path`` to the binary file ``out`` (opened for writing).
+
+    The kernel copies them (``os.copy_file_range``: no trip through Python) where it
+    can; where it refuses (see ``_COPY_RANGE_REFUSED``) or stops short, the rest is
+    copied with ``shutil.copyfileobj`` from the offset reached.
+    """
+    with Path(path).open("rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        copied = 0
+        copy_range = getattr(os, "copy_file_range", None)
+        if copy_range is not None and size:
+            out.flush()  # the kernel appends at the file offset: nothing may wait in out's buffer
+            try:
+                while copied < size:
+                    n = copy_range(src.fileno(), out.fileno(), size - copied, copied)
+                    if n == 0:
+                        break
+                    copied += n
+            except OSError as exc:
+                if exc.errno not in _COPY_RANGE_REFUSED:
+                    raise
+        if copied < size:
+            src.seek(copied)
+            shutil.copyfileobj(src, out, COPY_BLOCK)
+            out.flush()
+
+
+def concatenate_to_temp(fragments: Sequence[Path], out_path: Path, stop: Optional[Callable[[], bool]] = None) -> Path:
+    """Write ``fragments`` concatenated to a temp file beside ``out_path`` and return its path.
+
+    The caller renames it onto ``out_path`` (``os.replace``). The temp file is
+    removed if copying fails, or if ``stop()`` turns true between fragments (then
+    :class:`InterruptedError` is raised).
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp.{os.getpid()}")
+    try:
+        with tmp.open("wb") as out:
+            for fragment in fragments:
+                if stop is not None and stop():
+                    raise InterruptedError(f"concatenation into {out_path} stopped")
+                append_file(fragment, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def concatenate_shard_files(shard_dirs: Sequence[Path], relative_name: str, out_path: Path) -> bool:
     """Concatenate ``<shard_dir>/<relative_name>`` across ``shard_dirs`` (in the given order).
 
     The output is written to a temp file and renamed, so a killed merge never
-    leaves a half-written ``out_path``. Returns ``False`` (and removes
-    ``out_path``) if no shard has the fragment.
+    leaves a half-written ``out_path``. The data are not fsynced (as ``cat``,
+    Snakemake and Kaldi do not, and as the shards' own outputs are not): a killed
+    process loses nothing that reached the page cache; only a power loss or kernel
+    crash soon after the merge can leave ``out_path`` short, and then the merge
+    must be rerun. Returns ``False`` (and removes ``out_path``) if no shard has the
+    fragment.
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,14 +98,7 @@ def concatenate_shard_files(shard_dirs: Sequence[Path], relative_name: str, out_
     if not fragments:
         out_path.unlink(missing_ok=True)
         return False
-    tmp = out_path.with_name(f".{out_path.name}.tmp.{os.getpid()}")
-    with tmp.open("wb") as out:
-        for fragment in fragments:
-            with fragment.open("rb") as part:
-                shutil.copyfileobj(part, out, 1 << 20)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, out_path)
+    os.replace(concatenate_to_temp(fragments, out_path), out_path)
     return True
 
 
@@ -195,25 +252,24 @@ class BaseRunner(ABC):
 
     # ----------------------------------------------------- engine plumbing
     @classmethod
-    def reducer(cls, shard_id: int, env: Dict[str, Any]) -> Optional[Callable[[Dict[str, Any], Any], Dict[str, Any]]]:
-        """``(state, result) -> state`` with the env bound once per shard.
+    def record_hook(cls, shard_id: int, env: Dict[str, Any]) -> Tuple[str, Optional[Callable[..., Any]], Dict[str, Any]]:
+        """How the engine folds each ``forward`` result into the shard state, the env bound once per shard.
 
-        ``None`` means the default hooks are in place: results are simply
-        appended to ``state["records"]`` (the engine does that without a call).
+        - ``("reduce", reduce_state, env)`` where ``reduce_state`` is overridden:
+          ``state = reduce_state(state, result, **env)``;
+        - ``("append", None, {})`` for the default hooks: results are appended to
+          ``state["records"]`` without a call;
+        - ``("write", write_record, kwargs)`` for writer hooks:
+          ``write_record(state["_writers"], result, state, **kwargs)``, called by the
+          shard loop itself (no wrapper frame per item).
         """
+        hook_env = {"shard_id": shard_id, **env}
         if cls.reduce_state.__func__ is not BaseRunner.reduce_state.__func__:
-            reduce_env = {"shard_id": shard_id, **env}
-            return lambda state, result: cls.reduce_state(state, result, **reduce_env)
+            return "reduce", cls.reduce_state, hook_env
         write_record = cls.write_record
         if write_record is BaseRunner.write_record:
-            return None
-        kwargs = env_kwargs(write_record, {"shard_id": shard_id, **env}, 3)
-
-        def write(state: Dict[str, Any], result: Any) -> Dict[str, Any]:
-            write_record(state["_writers"], result, state, **kwargs)
-            return state
-
-        return write
+            return "append", None, {}
+        return "write", write_record, env_kwargs(write_record, hook_env, 3)
 
     def plan_spec(self) -> Dict[str, Any]:
         """What determines results besides the items; also rebuilds the runner in a shard process."""

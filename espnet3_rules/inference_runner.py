@@ -15,9 +15,15 @@ out-of-memory batch is an error naming its items and their input lengths.
 from __future__ import annotations
 
 import logging
+import operator
+import os
+import re
+import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from .artifacts import (
     ArtifactSpec,
@@ -29,7 +35,7 @@ from .artifacts import (
     resolve_artifact_configs,
     write_prepared,
 )
-from .base_runner import BaseRunner, concatenate_shard_files
+from .base_runner import BaseRunner, concatenate_to_temp
 from .contracts import ContractError, import_object
 
 log = logging.getLogger(__name__)
@@ -321,7 +327,11 @@ class InferenceRunner(BaseRunner):
 
         Fields are the union of every shard's ``field_keys.txt`` in first-seen
         order; a field's fragment is taken only from shards that list it. Every
-        field's ids are checked unique across shards before anything is written.
+        field's ids are checked unique across shards before any merged file is in
+        place: the concatenation runs meanwhile in a thread, into temp files that
+        are renamed onto ``<field>.scp`` only once every check has passed (and
+        removed if one fails). The merged files are not fsynced (see
+        :func:`~espnet3_rules.base_runner.concatenate_shard_files`).
         """
         shard_fields = [read_field_keys(Path(d)) for d in shard_dirs]
         fields: List[str] = []
@@ -330,14 +340,26 @@ class InferenceRunner(BaseRunner):
         if not fields:
             raise ContractError(f"no output fields in any shard of {self._root()}: forward returned nothing to write")
         sources = {field: [Path(d) for d, keys in zip(shard_dirs, shard_fields) if field in keys] for field in fields}
-        for field, dirs in sources.items():
-            check_unique_ids(dirs, field)
-        outputs = {}
-        for field, dirs in sources.items():
-            out_path = self._root() / f"{field}.scp"
-            concatenate_shard_files(dirs, f"{field}.scp", out_path)
-            outputs[field] = str(out_path)
-        return outputs
+        out_paths = {field: self._root() / f"{field}.scp" for field in fields}
+        failed = threading.Event()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-copy") as pool:
+            copies = {
+                field: pool.submit(concatenate_to_temp, [d / f"{field}.scp" for d in dirs], out_paths[field], failed.is_set)
+                for field, dirs in sources.items()
+            }
+            try:
+                for field, dirs in sources.items():
+                    check_unique_ids(dirs, field)
+                temps = {field: copy.result() for field, copy in copies.items()}
+            except BaseException:  # a check or a copy failed: no temp file stays behind
+                failed.set()
+                for copy in copies.values():
+                    if not copy.cancel() and copy.exception() is None:
+                        copy.result().unlink(missing_ok=True)
+                raise
+        for field, tmp in temps.items():
+            os.replace(tmp, out_paths[field])
+        return {field: str(path) for field, path in out_paths.items()}
 
     def _root(self) -> Path:
         return self.output_dir / self.shard_subdir if self.shard_subdir else self.output_dir
@@ -354,8 +376,91 @@ def read_field_keys(shard_dir: Path) -> List[str]:
         ) from None
 
 
-def check_unique_ids(shard_dirs: Sequence[Path], field: str) -> None:
-    """Stream ``<field>.scp`` of each shard; refuse a missing fragment, a torn last line or a repeated id."""
+#: Bytes read at a time by :func:`check_unique_ids`.
+ID_BLOCK = 1 << 24
+#: A line's id, as the ``findall`` group after the newline that ends the line before it.
+_NEXT_ID = re.compile(rb"\n([^ \n]*)")
+
+
+class _Suspect(Exception):
+    """The fast pass of :func:`check_unique_ids` found a problem; the exact pass names it."""
+
+
+def iter_id_blocks(path: Path, block_size: int = ID_BLOCK) -> Iterator[List[bytes]]:
+    """Per ``block_size`` bytes read, the ids of the lines that end in them, in file order.
+
+    A line's id is its text up to the first space (the whole line if it has none),
+    as bytes. A line split across two reads belongs to the later one. Raises
+    :class:`_Suspect` if the file is missing or its last line has no newline.
+    """
+    try:
+        handle = Path(path).open("rb")
+    except FileNotFoundError:
+        raise _Suspect(path) from None
+    with handle:
+        tail: List[bytes] = []  # a line's start, read before the block holding its newline
+        while True:
+            block = handle.read(block_size)
+            if not block:
+                break
+            first = block.find(b"\n")
+            if first < 0:
+                tail.append(block)
+                continue
+            last = block.rfind(b"\n")
+            head = b"".join([*tail, block[:first]]) if tail else block[:first]
+            ids = _NEXT_ID.findall(block, first, last)  # the lines after the first, up to the last newline
+            ids.insert(0, head.split(b" ", 1)[0])
+            tail = [block[last + 1 :]] if last + 1 < len(block) else []
+            yield ids
+        if tail:
+            raise _Suspect(path)
+
+
+def check_unique_ids(shard_dirs: Sequence[Path], field: str, block_size: int = ID_BLOCK) -> None:
+    """Refuse a missing ``<field>.scp`` fragment, a torn last line or an id that appears twice.
+
+    A fast pass reads the fragments in large blocks and takes each line's id with
+    one ``re.findall`` per block. Ids strictly increasing within every block, with
+    the blocks' id ranges disjoint (sorted, contiguously sharded data: the usual
+    Kaldi/ESPnet case), are unique without further work; otherwise the ids go into
+    one set of bytes. Only if that pass finds a problem does the exact pass
+    (:func:`_check_unique_ids_exact`) read every line again to name the file and
+    line or the id and both files.
+    """
+    paths = [Path(d) / f"{field}.scp" for d in shard_dirs]
+    try:
+        if not _ids_sorted_and_disjoint(paths, block_size):
+            _ids_unique_by_set(paths, block_size)
+    except _Suspect:
+        _check_unique_ids_exact(shard_dirs, field)
+
+
+def _ids_sorted_and_disjoint(paths: Sequence[Path], block_size: int) -> bool:
+    """True if each block's ids strictly increase and no two blocks' ``[first, last]`` ranges meet."""
+    spans = []
+    for path in paths:
+        for ids in iter_id_blocks(path, block_size):
+            if not all(map(operator.lt, ids, islice(ids, 1, None))):
+                return False
+            spans.append((ids[0], ids[-1]))
+    spans.sort()
+    return all(end < start for (_, end), (start, _) in zip(spans, islice(spans, 1, None)))
+
+
+def _ids_unique_by_set(paths: Sequence[Path], block_size: int) -> None:
+    """Raise :class:`_Suspect` at the first block that repeats an id."""
+    seen: Set[bytes] = set()
+    for path in paths:
+        for ids in iter_id_blocks(path, block_size):
+            before = len(seen)
+            seen.update(ids)
+            if len(seen) - before != len(ids):
+                raise _Suspect(path)
+
+
+def _check_unique_ids_exact(shard_dirs: Sequence[Path], field: str) -> None:
+    """Stream ``<field>.scp`` of each shard line by line; refuse a missing fragment, a torn last line or a repeated id."""
     seen: Dict[str, int] = {}  # id -> position of the shard it appeared in
     for position, shard_dir in enumerate(shard_dirs):
         path = shard_dir / f"{field}.scp"

@@ -4,7 +4,8 @@
 
 - POINT is a toy-runner hook (``open_writers``, ``forward``, ``write_record``, ``close_writers``,
   ``merge``, ``output_fn``) that calls :func:`at` / :func:`write`, or an engine call patched by
-  :func:`install`: ``dump`` (``json.dump``), ``copy`` (``shutil.copyfileobj``), ``replace`` /
+  :func:`install`: ``dump`` (``json.dump``), ``copy`` (``os.copy_file_range`` and
+  ``shutil.copyfileobj``: one call per fragment appended), ``replace`` /
   ``replaced`` (before / after ``os.replace``).
 - GLOB is matched (fnmatch) against the path the point writes; temp files ``.NAME.tmp.PID`` count as NAME.
 - N picks the N-th matching call in the process (default 1).
@@ -119,6 +120,20 @@ def install() -> None:
         at("replaced", dst)
 
     json.dump, shutil.copyfileobj, os.replace = faulty_dump, faulty_copy, faulty_replace
+    copy_range = getattr(os, "copy_file_range", None)
+    if copy_range is None:
+        return
+
+    def faulty_copy_range(src: int, dst: int, count: int, *args: Any) -> int:
+        name = os.readlink(f"/proc/self/fd/{dst}")
+        relative = os.path.relpath(name)  # as the engine names it: relative to the cwd when below it
+        if not hit("copy", name if relative.startswith("..") else relative):
+            return copy_range(src, dst, count, *args)
+        copy_range(src, dst, max(count // 2, 1), *args)  # torn: half the bytes reach the file
+        die()
+        return 0
+
+    os.copy_file_range = faulty_copy_range
 
 
 def hit_name(point: str, handle: Any) -> bool:
