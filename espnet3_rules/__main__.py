@@ -1,10 +1,14 @@
-"""``python -m espnet3_rules``: run in a warm forked process where possible (see ``forkserver``)."""
+"""``python -m espnet3_rules``: ``run-shard`` runs in a warm forked process where possible (see ``forkserver``).
+
+Only shards, many per job, go through the fork server; ``plan``, ``merge`` and ``measure`` run once
+per job and would only wait there while the server imports what the shards used.
+"""
 
 import sys
 
 from .forkserver import run_in_warm_process
 
-status = run_in_warm_process("espnet3_rules.cli", sys.argv[1:])
+status = run_in_warm_process("espnet3_rules.cli", sys.argv[1:]) if sys.argv[1:2] == ["run-shard"] else None
 if status is None:
     from .cli import main
 
