@@ -606,8 +606,9 @@ def bench_merge(ws: Workspace) -> List[Row]:
     synced = median(samples["cat_fsync"])
     concat = median(samples["concatenate"])
     rows.append(
-        Row("merge throughput", "concatenate_shard_files", concat, "cat, then fsync (same durability)", synced,
-            synced / concat, "(context)", None, "merge writes to a temp file, fsyncs it and renames it", samples)
+        Row("merge throughput", "concatenate_shard_files", concat, "cat, then fsync", synced,
+            synced / concat, "(context)", None,
+            "what an fsync of the merged data would cost (neither cat nor the merge fsyncs it)", samples)
     )  # fmt: skip
     for path in [root / "hyp.scp", out, *fragments]:
         Path(path).unlink(missing_ok=True)  # free the disk space at once
