@@ -68,8 +68,15 @@ def enabled(environ: Dict[str, str] = os.environ) -> bool:
 
 def interpreter_options() -> List[str]:
     """This interpreter's own command-line options (``-X ...``, ``-O``), to start the server alike."""
-    argv = list(getattr(sys, "orig_argv", [sys.executable]))
-    return argv[1 : argv.index("-m")] if "-m" in argv else []
+    options: List[str] = []
+    args = iter(getattr(sys, "orig_argv", [sys.executable])[1:])
+    for arg in args:
+        if arg in ("-m", "-c", "-") or not arg.startswith("-"):
+            break  # what to run starts here
+        options.append(arg)
+        if arg in ("-X", "-W", "--check-hash-based-pycs"):
+            options.append(next(args, ""))
+    return options
 
 
 def server_key(environ: Dict[str, str]) -> str:

@@ -151,3 +151,14 @@ def test_a_killed_server_takes_its_children_down_and_the_client_fails(env, tmp_p
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 1 and "fork server ended while running" in stderr
     wait_gone(child)
+
+
+@pytest.mark.parametrize("orig_argv, options", [
+    (["python", "-m", "espnet3_rules", "run-shard", "-m"], []),
+    (["python", "-X", "importtime", "-O", "-m", "espnet3_rules"], ["-X", "importtime", "-O"]),
+    (["python", "-c", "code", "-m", "x"], []),
+    (["python", "-Wignore", "script.py", "-m"], ["-Wignore"]),
+])
+def test_the_server_starts_with_the_clients_interpreter_options(monkeypatch, orig_argv, options):
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    assert forkserver.interpreter_options() == options
