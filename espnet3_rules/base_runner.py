@@ -92,7 +92,6 @@ def concatenate_shard_files(shard_dirs: Sequence[Path], relative_name: str, out_
     fragment.
     """
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     fragments = [Path(d) / relative_name for d in shard_dirs]
     fragments = [f for f in fragments if f.exists()]
     if not fragments:

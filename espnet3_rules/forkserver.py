@@ -220,6 +220,17 @@ class _Child:
     report_fd: int
     report: bytearray = field(default_factory=bytearray)
 
+    def read_report(self) -> bool:
+        """Read what the report pipe holds now; True once it reached its end (the child closed it)."""
+        while True:
+            try:
+                data = os.read(self.report_fd, 1 << 16)
+            except BlockingIOError:
+                return False
+            if not data:
+                return True
+            self.report += data
+
 
 class ForkServer:
     """Accept commands on a Unix socket and run each in a forked child."""
@@ -318,13 +329,7 @@ class ForkServer:
 
     def _read_report(self, pid: int) -> None:
         child = self.children[pid]
-        try:
-            data = os.read(child.report_fd, 1 << 16)
-        except BlockingIOError:
-            return
-        if data:
-            child.report += data
-        else:
+        if child.read_report():
             self.selector.unregister(child.report_fd)
 
     def _client_gone(self, pid: int) -> None:
@@ -337,31 +342,24 @@ class ForkServer:
         self.selector.unregister(child.conn)
         if not ended:
             return  # a client sends nothing after its request: ignore it, keep the child
-        for target in (lambda: os.killpg(pid, signal.SIGTERM), lambda: os.kill(pid, signal.SIGTERM)):
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:  # the child has not made its process group yet
             try:
-                target()
-                break
+                os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
-                continue
+                pass
 
     def _reap(self, pid: int) -> None:
         child = self.children.pop(pid)
         _, status = os.waitpid(pid, 0)
         self.selector.unregister(child.pidfd)
         os.close(child.pidfd)
-        while True:  # the rest of the module report, written before the child exited
-            try:
-                data = os.read(child.report_fd, 1 << 16)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            child.report += data
-        if child.report_fd in self.selector.get_map():
-            self.selector.unregister(child.report_fd)
+        child.read_report()  # the rest, written before the child exited
+        for fileobj in (child.report_fd, child.conn):
+            if fileobj in self.selector.get_map():
+                self.selector.unregister(fileobj)
         os.close(child.report_fd)
-        if child.conn in self.selector.get_map():
-            self.selector.unregister(child.conn)
         _send_message(child.conn, {"status": status})
         child.conn.close()
         if not self.decline:
