@@ -8,7 +8,7 @@
 
 from snakemake.utils import min_version, validate
 
-from espnet3_rules.jobs import check_config, exit_on_contract_error
+from espnet3_rules.cli.config import check_config, exit_on_contract_error
 
 min_version("9.0")
 

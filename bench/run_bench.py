@@ -43,8 +43,8 @@ USER_TEMPLATE = BENCH / "espnet3_user.py"
 RULES_USER = "rules_user"  # module name of the espnet3_rules copy of the user code
 ESPNET3_USER = "espnet3_user"
 IMPORT_SWITCH = {
-    "from espnet3.parallel.base_runner import": "from espnet3_rules.base_runner import",
-    "from espnet3.parallel.env_provider import": "from espnet3_rules.env_provider import",
+    "from espnet3.parallel.base_runner import": "from espnet3_rules.parallel.base_runner import",
+    "from espnet3.parallel.env_provider import": "from espnet3_rules.parallel.env_provider import",
 }
 ESPNET3_BENCH_DEPS = ["dask[distributed]==2026.8.0", "dask-jobqueue==0.9.0", "typeguard==4.6.1"]
 PARTS = ("inshard", "workflow", "rerun", "plan", "merge")
@@ -333,8 +333,8 @@ def bench_inshard(ws: Workspace) -> List[Row]:
     import rules_user as user
     from omegaconf import OmegaConf
 
-    from espnet3_rules.plan import write_manifest
-    from espnet3_rules.shard import build_worker_env, run_shard
+    from espnet3_rules.engine.plan import write_manifest
+    from espnet3_rules.engine.shard import build_worker_env, run_shard
 
     n = ws.sizes.inshard_items
     rows = []
@@ -554,7 +554,7 @@ def write_shard_text(root: Path, n_shards: int, total_bytes: int) -> List[Path]:
 def bench_merge(ws: Workspace) -> List[Row]:
     """Merging ~merge_bytes of shard text vs ``cat`` of the same files."""
     from espnet3_rules import InferenceRunner
-    from espnet3_rules.base_runner import concatenate_shard_files
+    from espnet3_rules.parallel.base_runner import concatenate_shard_files
 
     root = ws.fresh_dir("merge")
     shard_dirs = write_shard_text(root, ws.sizes.merge_shards, ws.sizes.merge_bytes)

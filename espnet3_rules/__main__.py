@@ -6,11 +6,11 @@ per job and would only wait there while the server imports what the shards used.
 
 import sys
 
-from .forkserver import run_in_warm_process
+from espnet3_rules.cli.forkserver import run_in_warm_process
 
-status = run_in_warm_process("espnet3_rules.cli", sys.argv[1:]) if sys.argv[1:2] == ["run-shard"] else None
+status = run_in_warm_process("espnet3_rules.cli.main", sys.argv[1:]) if sys.argv[1:2] == ["run-shard"] else None
 if status is None:
-    from .cli import main
+    from espnet3_rules.cli.main import main
 
     status = main()
 sys.exit(status)

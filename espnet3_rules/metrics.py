@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .artifacts import (
+from espnet3_rules.systems.base.artifacts import (
     atomic_path,
     check_utt_id,
     prepare_value,
@@ -31,8 +31,8 @@ from .artifacts import (
     unsafe_name_reason,
     write_prepared,
 )
-from .contracts import ContractError, class_path, env_dataset, import_object
-from .plan import jsonable, write_json_atomic
+from espnet3_rules.engine.contracts import ContractError, class_path, env_dataset, import_object
+from espnet3_rules.engine.plan import jsonable, write_json_atomic
 
 log = logging.getLogger(__name__)
 

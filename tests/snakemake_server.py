@@ -19,7 +19,7 @@ import snakemake.cli
 import snakemake.report.html_reporter  # noqa: F401
 import snakemake.storage  # noqa: F401
 
-import espnet3_rules.jobs  # noqa: F401
+import espnet3_rules.cli.config  # noqa: F401
 
 TIMEOUT_S = 120
 

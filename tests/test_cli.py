@@ -8,7 +8,7 @@ import re
 import pytest
 
 import core_fixtures as fx
-from espnet3_rules.jobs import Unit
+from espnet3_rules.cli.config import Unit
 
 JOB = dict(runner="core_fixtures.MyTextRunner", provider="core_fixtures.WordsProvider", provider_config={"n": 9},
            n_shards=3)

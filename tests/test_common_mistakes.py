@@ -8,7 +8,7 @@ import pytest
 
 import core_fixtures as fx
 from espnet3_rules import ContractError
-from espnet3_rules.jobs import Unit, plan_unit
+from espnet3_rules.cli.config import Unit, plan_unit
 
 
 def unit(tmp_path, **fields):

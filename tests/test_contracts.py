@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 
 import core_fixtures as fx
 from espnet3_rules import BaseRunner, ContractError, InferenceRunner, concatenate_shard_files
-from espnet3_rules.jobs import Unit, plan_unit
-from espnet3_rules.shard import build_worker_env, run_shard
+from espnet3_rules.cli.config import Unit, plan_unit
+from espnet3_rules.engine.shard import build_worker_env, run_shard
 
 
 def words(n, **extra_env):

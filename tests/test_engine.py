@@ -11,10 +11,10 @@ import yaml
 
 import engine_toy as toy
 from espnet3_rules import ContractError, concatenate_shard_files
-from espnet3_rules.jobs import Unit, plan_unit
-from espnet3_rules.merge import completed_shard_dirs, pending_shards
-from espnet3_rules.plan import decode_items, encode_items, make_plan, read_manifest, split_contiguous, write_manifest
-from espnet3_rules.shard import build_worker_env, run_shard
+from espnet3_rules.cli.config import Unit, plan_unit
+from espnet3_rules.engine.merge import completed_shard_dirs, pending_shards
+from espnet3_rules.engine.plan import decode_items, encode_items, make_plan, read_manifest, split_contiguous, write_manifest
+from espnet3_rules.engine.shard import build_worker_env, run_shard
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

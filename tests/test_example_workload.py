@@ -15,7 +15,7 @@ import yaml
 torch = pytest.importorskip("torch")
 
 from espnet3_rules import ContractError, InferenceRunner  # noqa: E402
-from espnet3_rules.cli import main as cli_main  # noqa: E402
+from espnet3_rules.cli.main import main as cli_main  # noqa: E402
 from espnet3_rules.examples.tone_asr import (  # noqa: E402
     STATS_NAME,
     CollectStatsRunner,

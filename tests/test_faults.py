@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 import faults
-from espnet3_rules import cli as espnet3_cli
-from espnet3_rules.merge import MERGE_DONE_NAME, pending_shards
-from espnet3_rules.plan import read_manifest
+from espnet3_rules.cli import main as espnet3_cli
+from espnet3_rules.engine.merge import MERGE_DONE_NAME, pending_shards
+from espnet3_rules.engine.plan import read_manifest
 from workflow_driver import assert_kept, cli, expected_text, job, job_counts, snapshot
 
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from espnet3_rules import forkserver
+from espnet3_rules.cli import forkserver
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 CLIENT = """
 import sys
-from espnet3_rules.forkserver import run_in_warm_process
+from espnet3_rules.cli.forkserver import run_in_warm_process
 status = run_in_warm_process("fs_target", sys.argv[1:])
 if status is None:  # what python -m espnet3_rules does too
     print("ran in-process", file=sys.stderr)

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from espnet3_rules import ContractError
-from espnet3_rules.gpu import gpu_slots, local_gpu_ids
+from espnet3_rules.cli.gpu import gpu_slots, local_gpu_ids
 
 HOLDER = """
 import os, sys, time
 from pathlib import Path
-from espnet3_rules.gpu import gpu_slots
+from espnet3_rules.cli.gpu import gpu_slots
 out, n = Path(sys.argv[1]), int(sys.argv[2])
 with gpu_slots(n, poll_s=0.05) as device:
     out.write_text(device + " " + os.environ["CUDA_VISIBLE_DEVICES"])

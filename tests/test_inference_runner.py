@@ -14,7 +14,7 @@ import pytest
 
 import inference_toy as toy
 from espnet3_rules import ContractError, InferenceRunner
-from espnet3_rules.inference_runner import FIELD_KEYS_NAME, forward_batch, _WARNED_UNBATCHED
+from espnet3_rules.systems.base.inference_runner import FIELD_KEYS_NAME, forward_batch, _WARNED_UNBATCHED
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -342,7 +342,7 @@ def test_batch_error_retries_items_one_at_a_time_and_warns_once_per_model(tmp_pa
     _WARNED_UNBATCHED.discard("inference_toy.NoBatchModel")
     toy.NoBatchModel.calls = 0
     runner = make_runner(tmp_path, n=5, model="NoBatchModel", batch_size=2, output_fn="inference_toy.id_output_fn")
-    with caplog.at_level(logging.WARNING, logger="espnet3_rules.inference_runner"):
+    with caplog.at_level(logging.WARNING, logger="espnet3_rules.systems.base.inference_runner"):
         merged = runner(range(5))
     assert read_scp(merged["n"]) == [[f"utt{i}", str(4 * (i + 1))] for i in range(5)]
     assert toy.NoBatchModel.calls == 3 + 5  # three failed batches, five single items
@@ -423,7 +423,7 @@ import sys
 for name in ("torch", "numpy", "jiwer"):
     sys.modules[name] = None
 from pathlib import Path
-import espnet3_rules, espnet3_rules.metrics, espnet3_rules.artifacts
+import espnet3_rules, espnet3_rules.metrics, espnet3_rules.systems.base.artifacts
 from espnet3_rules import InferenceRunner
 w = InferenceRunner.open_writers(Path({str(tmp_path)!r}))
 InferenceRunner.write_record(w, {{"utt_id": "a", "hyp": "x", "meta": {{"k": 1}}}}, {{}})

@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-import espnet3_rules.base_runner as base_runner
-import espnet3_rules.inference_runner as inference_runner
+import espnet3_rules.engine.files as files
+import espnet3_rules.systems.base.inference_runner as inference_runner
 from espnet3_rules import ContractError, InferenceRunner, concatenate_shard_files
-from espnet3_rules.inference_runner import (
+from espnet3_rules.systems.base.inference_runner import (
     FIELD_KEYS_NAME,
     _check_unique_ids_exact,
     check_unique_ids,
@@ -82,13 +82,13 @@ def test_a_refused_kernel_copy_falls_back_from_the_offset_reached(tmp_path, monk
 
 def count_calls_copyfileobj(monkeypatch):
     """Record, per ``shutil.copyfileobj`` call, the source offset it started from."""
-    real, offsets = base_runner.shutil.copyfileobj, []
+    real, offsets = files.shutil.copyfileobj, []
 
     def wrapped(src, dst, length=0):
         offsets.append(src.tell())
         return real(src, dst, length)
 
-    monkeypatch.setattr(base_runner.shutil, "copyfileobj", wrapped)
+    monkeypatch.setattr(files.shutil, "copyfileobj", wrapped)
     return offsets
 
 

@@ -274,7 +274,7 @@ def workflow_config(tmp_path, test_sets=("test_a", "test_b"), **job_extra):
 
 
 def test_measure_job_reads_references_through_each_test_sets_provider(tmp_path):
-    from espnet3_rules.jobs import build_runner, measure_job, measure_specs, units_from_config
+    from espnet3_rules.cli.config import build_runner, measure_job, measure_specs, units_from_config
 
     config = workflow_config(tmp_path)
     for unit in units_from_config(config).values():
@@ -291,7 +291,7 @@ def test_measure_job_reads_references_through_each_test_sets_provider(tmp_path):
 
 
 def test_measure_needs_named_test_sets(tmp_path):
-    from espnet3_rules.jobs import measure_specs
+    from espnet3_rules.cli.config import measure_specs
 
     with pytest.raises(ContractError, match="jobs.decode.measure needs test_sets"):
         measure_specs(workflow_config(tmp_path, test_sets=()))
@@ -299,7 +299,7 @@ def test_measure_needs_named_test_sets(tmp_path):
 
 @pytest.mark.parametrize("names", [("a", "a"), ("a", "")])
 def test_duplicate_or_empty_test_set_names_are_refused(tmp_path, names):
-    from espnet3_rules.jobs import units_from_config
+    from espnet3_rules.cli.config import units_from_config
 
     with pytest.raises(ContractError, match="jobs.decode.test_sets: name .* is empty or appears twice"):
         units_from_config(workflow_config(tmp_path, test_sets=names))

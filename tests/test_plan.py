@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 import core_fixtures as fx
 from espnet3_rules import InferenceRunner
-from espnet3_rules.plan import ShardPlan, make_plan, read_manifest, split_contiguous, write_manifest
+from espnet3_rules.engine.plan import ShardPlan, make_plan, read_manifest, split_contiguous, write_manifest
 
 
 # ---------------------------------------------------------------- chunks

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import core_fixtures as fx
-from espnet3_rules.plan import read_manifest
+from espnet3_rules.engine.plan import read_manifest
 
 
 def words_provider(tmp_path, n):

@@ -9,8 +9,8 @@ import pytest
 
 import core_fixtures as fx
 from espnet3_rules import ContractError
-from espnet3_rules.merge import completed_shard_dirs, merge_plan, pending_shards
-from espnet3_rules.shard import build_local_env, run_shard
+from espnet3_rules.engine.merge import completed_shard_dirs, merge_plan, pending_shards
+from espnet3_rules.engine.shard import build_local_env, run_shard
 
 # Items 0..8 in 3 shards: split.1 holds items 3, 4, 5; the kill happens at item 5.
 KILLED_SHARD, KILL_AT = 1, 5

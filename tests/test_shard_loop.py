@@ -10,8 +10,8 @@ import pytest
 from tqdm import tqdm
 
 from espnet3_rules import BaseRunner, EnvironmentProvider
-from espnet3_rules.plan import write_manifest
-from espnet3_rules.shard import build_worker_env, progress_chunks, run_shard
+from espnet3_rules.engine.plan import write_manifest
+from espnet3_rules.engine.shard import build_worker_env, progress_chunks, run_shard
 
 POISON = 3000  # deep inside a slice once slices have grown
 

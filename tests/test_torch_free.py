@@ -36,7 +36,7 @@ except ImportError:
 
 import espnet3_rules
 from espnet3_rules import InferenceRunner
-from espnet3_rules.cli import main
+from espnet3_rules.cli.main import main
 import core_fixtures as fx
 
 modules = sorted(
@@ -65,7 +65,7 @@ def test_core_package_works_where_torch_cannot_be_imported(tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["blocked"], "the blocker must make `import torch` fail"
     assert not report["torch_loaded"]
-    assert {"espnet3_rules.cli", "espnet3_rules.shard", "espnet3_rules.inference_runner"} <= set(report["modules"])
+    assert {"espnet3_rules.cli.main", "espnet3_rules.engine.shard", "espnet3_rules.systems.base.inference_runner"} <= set(report["modules"])
     assert report["text"] == {} and report["status"] == 0
     assert (tmp_path / "out" / "text" / "text").read_text() == fx.expected_text(range(4))
     assert report["scp"] == {"text": str(tmp_path / "out" / "scp" / "text.scp"),

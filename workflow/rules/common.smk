@@ -2,7 +2,7 @@ import json
 import re
 import sys
 
-from espnet3_rules.jobs import GROWING_RESOURCES, Unit, describe_unit, exit_on_contract_error, measure_specs, units_from_config
+from espnet3_rules.cli.config import GROWING_RESOURCES, Unit, describe_unit, exit_on_contract_error, measure_specs, units_from_config
 
 # One unit per job: <output_dir>/<shard_subdir> holds manifest.json, split.N/, merge.done.
 # Contract errors stop snakemake (also -n) with one line; no job may write into config/.

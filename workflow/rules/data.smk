@@ -16,10 +16,8 @@ rule example_data:
     params:
         n_utts=lambda w: EXAMPLE_DATA[w.data_dir].get("n_utts", 40),
         seed=lambda w: EXAMPLE_DATA[w.data_dir].get("seed", 0),
-    conda:
-        "../../environment.yml"
     log:
-        "logs/example_data/{data_dir}.log",
+        "{data_dir}.prepare.log",
     shell:
         "python -m espnet3_rules.examples.tone_asr prepare --out {wildcards.data_dir:q}"
         " --n-utts {params.n_utts} --seed {params.seed} > {log:q} 2>&1"

@@ -18,8 +18,6 @@ rule measure:
         "{metrics_dir}/metrics.json",
     params:
         spec=lambda w: json.dumps(measure_of(w), sort_keys=True),
-    conda:
-        "../../environment.yml"
     log:
         "{metrics_dir}/logs/measure.log",
     shell:

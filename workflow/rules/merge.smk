@@ -9,8 +9,6 @@ rule merge:
         shards=shard_done_files,
     output:
         "{unit}/merge.done",
-    conda:
-        "../../environment.yml"
     log:
         "{unit}/logs/merge.log",
     shell:

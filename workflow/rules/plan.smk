@@ -10,8 +10,6 @@ rule plan:
         "{unit}/manifest.json",
     params:
         unit=lambda w: unit_of(w).to_json(),
-    conda:
-        "../../environment.yml"
     log:
         "{unit}/logs/plan.log",
     shell:

@@ -5,8 +5,6 @@ rule shard:
         data=per_shard(lambda unit: unit.inputs),
     output:
         "{unit}/split.{i}/done",
-    conda:
-        "../../environment.yml"
     log:
         "{unit}/logs/split.{i}.log",
     benchmark:

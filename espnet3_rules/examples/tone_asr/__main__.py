@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from ...contracts import ContractError
+from espnet3_rules.engine.contracts import ContractError
 from .data import PrepConfig, prepare_data, read_kaldi_map
 
 

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from ...contracts import ContractError
+from espnet3_rules.engine.contracts import ContractError
 from .alphabet import LETTER_TONES_HZ, VOCABULARY
 
 SAMPLE_RATE = 16000

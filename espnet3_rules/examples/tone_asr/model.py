@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from ...contracts import ContractError
+from espnet3_rules.engine.contracts import ContractError
 from .alphabet import LETTER_TONES_HZ, LETTERS, TOKENS, tokens_to_text
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import inspect
 from typing import Any, Dict, Mapping
 
-from ...contracts import ContractError
-from ...inference_provider import InferenceProvider
-from ...plan import jsonable
+from espnet3_rules.engine.contracts import ContractError
+from espnet3_rules.parallel.inference_provider import InferenceProvider
+from espnet3_rules.engine.plan import jsonable
 from .data import SAMPLE_RATE, KaldiDataset
 
 

@@ -17,8 +17,8 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 
-from ...base_runner import BaseRunner
-from ...contracts import ContractError
+from espnet3_rules.parallel.base_runner import BaseRunner
+from espnet3_rules.engine.contracts import ContractError
 
 STATS_NAME = "feats_stats.npz"
 

@@ -11,8 +11,8 @@ from typing import Any, Dict, Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
-from .contracts import check_env, check_forward_env, check_setup_fn, env_kwargs
-from .plan import ShardPlan, write_json_atomic
+from espnet3_rules.engine.contracts import check_env, check_forward_env, check_setup_fn, env_kwargs
+from espnet3_rules.engine.plan import ShardPlan, write_json_atomic
 
 DONE_NAME = "done"
 

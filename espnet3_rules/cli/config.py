@@ -13,8 +13,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
-from .contracts import ContractError, check_setup_fn, import_object
-from .plan import ShardPlan
+from espnet3_rules.engine.contracts import ContractError, check_setup_fn, import_object
+from espnet3_rules.engine.plan import ShardPlan
 
 DEFAULT_RESOURCES = {
     "threads": 1,
@@ -231,7 +231,7 @@ def measure_specs(config: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
 
 def measure_job(spec: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
     """Score every test set of one job (a :func:`measure_specs` entry) into its ``metrics.json``."""
-    from .metrics import measure, provider_dataset_source
+    from espnet3_rules.metrics import measure, provider_dataset_source
 
     units = [Unit(**fields) for fields in spec["units"]]
     section = spec["measure"]
@@ -304,7 +304,7 @@ def count_items(unit: Unit, provider: Any) -> int:
     Builds only the dataset when the provider has a static ``build_dataset``
     (InferenceProvider), so planning never loads the model.
     """
-    from .metrics import provider_dataset_source
+    from espnet3_rules.metrics import provider_dataset_source
 
     if unit.items is not None:
         return unit.items

@@ -15,8 +15,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .contracts import ContractError, check_forward_env, check_runner_class, class_path, env_kwargs
-from .plan import ShardPlan, jsonable, make_plan, write_manifest
+from espnet3_rules.engine.contracts import ContractError, check_forward_env, check_runner_class, class_path, env_kwargs
+from espnet3_rules.engine.plan import ShardPlan, jsonable, make_plan, write_manifest
 
 STATE_NAME = "_state.pkl"
 
@@ -297,8 +297,8 @@ class BaseRunner(ABC):
 
     def __call__(self, indices: Iterable[Any]) -> Any:
         """Plan, run pending shards in-process (env built once), merge; return ``merge``'s value."""
-        from .merge import merge_plan, pending_shards
-        from .shard import build_local_env, run_shard
+        from espnet3_rules.engine.merge import merge_plan, pending_shards
+        from espnet3_rules.engine.shard import build_local_env, run_shard
 
         plan = self.plan(indices)
         write_manifest(plan)

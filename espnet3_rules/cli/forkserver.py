@@ -169,7 +169,7 @@ def _connect_or_start(directory: Path, key: str) -> socket.socket:
 def _start_server(sock_path: Path) -> None:
     """Start a detached server on ``sock_path`` and wait until it listens."""
     sock_path.unlink(missing_ok=True)  # a dead server's socket; the lock keeps live ones safe
-    cmd = [sys.executable, *interpreter_options(), "-m", "espnet3_rules.forkserver", str(sock_path)]
+    cmd = [sys.executable, *interpreter_options(), "-m", "espnet3_rules.cli.forkserver", str(sock_path)]
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -474,12 +474,12 @@ def _reopen_std_streams(env: Dict[str, str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m espnet3_rules.forkserver SOCKET``: serve until idle."""
+    """``python -m espnet3_rules.cli.forkserver SOCKET``: serve until idle."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m espnet3_rules.forkserver SOCKET", file=sys.stderr)
+        print("usage: python -m espnet3_rules.cli.forkserver SOCKET", file=sys.stderr)
         return 2
-    importlib.import_module("espnet3_rules.cli")
+    importlib.import_module("espnet3_rules.cli.main")
     server = ForkServer(Path(args[0]))
     sys.stdout.write("ready\n")
     sys.stdout.flush()

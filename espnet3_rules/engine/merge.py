@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any, List
 
-from .contracts import ContractError
-from .plan import ShardPlan, jsonable, write_json_atomic
-from .shard import done_path, read_done
+from espnet3_rules.engine.contracts import ContractError
+from espnet3_rules.engine.plan import ShardPlan, jsonable, write_json_atomic
+from espnet3_rules.engine.shard import done_path, read_done
 
 MERGE_DONE_NAME = "merge.done"
 REJECTED_DONE_NAME = "done.rejected"

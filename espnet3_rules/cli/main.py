@@ -13,14 +13,14 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from .contracts import ContractError
-from .plan import ShardPlan, read_manifest, write_manifest
+from espnet3_rules.engine.contracts import ContractError
+from espnet3_rules.engine.plan import ShardPlan, read_manifest, write_manifest
 
 log = logging.getLogger("espnet3_rules")
 
 
 def _unit_from_args(args: argparse.Namespace):
-    from .jobs import Unit, unit_from_config
+    from espnet3_rules.cli.config import Unit, unit_from_config
 
     if args.unit_json:
         return Unit.from_json(args.unit_json)
@@ -47,7 +47,7 @@ def _plan_from_args(args: argparse.Namespace) -> ShardPlan:
 
 def _runner_for(plan: ShardPlan):
     """Rebuild the runner a manifest was planned for."""
-    from .jobs import Unit, build_runner
+    from espnet3_rules.cli.config import Unit, build_runner
 
     spec = plan.spec
     unit = Unit(
@@ -66,7 +66,7 @@ def _runner_for(plan: ShardPlan):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .jobs import plan_unit
+    from espnet3_rules.cli.config import plan_unit
 
     plan = plan_unit(_unit_from_args(args))
     path = write_manifest(plan)
@@ -75,8 +75,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run_shard(args: argparse.Namespace) -> int:
-    from .gpu import gpu_slots
-    from .shard import build_worker_env, run_shard
+    from espnet3_rules.cli.gpu import gpu_slots
+    from espnet3_rules.engine.shard import build_worker_env, run_shard
 
     plan = _plan_from_args(args)
     plan.shard_dir(args.shard)  # refuses an id outside the plan before building anything
@@ -99,7 +99,7 @@ def _usage() -> str:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_plan
+    from espnet3_rules.engine.merge import merge_plan
 
     plan = _plan_from_args(args)
     merge_plan(_runner_for(plan), plan)
@@ -110,7 +110,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_measure(args: argparse.Namespace) -> int:
     import json
 
-    from .jobs import measure_job
+    from espnet3_rules.cli.config import measure_job
 
     spec = json.loads(args.spec_json)
     results = measure_job(spec)
@@ -127,7 +127,7 @@ def _headline(result):
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .merge import pending_shards
+    from espnet3_rules.engine.merge import pending_shards
 
     plan = _plan_from_args(args)
     pending = pending_shards(plan)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional
 
-from .contracts import ContractError, import_object
+from espnet3_rules.engine.contracts import ContractError, import_object
 
 SUFFIXES = {"npy": ".npy", "wav": ".wav", "json": ".json", "pickle": ".pkl"}
 ARRAY_TYPES = ("npy", "wav")

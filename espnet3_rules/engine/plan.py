@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from .contracts import ContractError
+from espnet3_rules.engine.contracts import ContractError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1

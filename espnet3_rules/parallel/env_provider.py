@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Dict, Optional, Set
 
-from .contracts import ContractError
+from espnet3_rules.engine.contracts import ContractError
 
 
 class EnvironmentProvider(ABC):

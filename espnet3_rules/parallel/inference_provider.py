@@ -8,7 +8,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any, Callable, Dict, Mapping, Optional, Set
 
-from .env_provider import EnvironmentProvider
+from espnet3_rules.parallel.env_provider import EnvironmentProvider
 
 
 class InferenceProvider(EnvironmentProvider):

@@ -26,7 +26,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-from .contracts import ContractError
+from espnet3_rules.engine.contracts import ContractError
 
 GPUS_ENV = "ESPNET3_RULES_GPUS"  # local GPU ids ("0,1,3") or a count ("4")
 SLOT_DIR_ENV = "ESPNET3_RULES_GPU_SLOT_DIR"  # default .snakemake/gpu_slots

@@ -25,7 +25,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
-from .artifacts import (
+from espnet3_rules.systems.base.artifacts import (
     ArtifactSpec,
     PreparedValue,
     atomic_path,
@@ -35,8 +35,8 @@ from .artifacts import (
     resolve_artifact_configs,
     write_prepared,
 )
-from .base_runner import BaseRunner, concatenate_to_temp
-from .contracts import ContractError, import_object
+from espnet3_rules.parallel.base_runner import BaseRunner, concatenate_to_temp
+from espnet3_rules.engine.contracts import ContractError, import_object
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ class InferenceRunner(BaseRunner):
         place: the concatenation runs meanwhile in a thread, into temp files that
         are renamed onto ``<field>.scp`` only once every check has passed (and
         removed if one fails). The merged files are not fsynced (see
-        :func:`~espnet3_rules.base_runner.concatenate_shard_files`).
+        :func:`~espnet3_rules.parallel.base_runner.concatenate_shard_files`).
         """
         shard_fields = [read_field_keys(Path(d)) for d in shard_dirs]
         fields: List[str] = []
