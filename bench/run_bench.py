@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -192,7 +191,7 @@ class Espnet3:
     """An unpacked ESPnet3 wheel and a venv python with dask to run it."""
 
     version: str
-    root: Path  # holds espnet3/
+    root: Path  # holds espnet3/ and espnet2/
     python: str
 
     def env(self, *dirs: Path) -> Dict[str, str]:
@@ -200,22 +199,27 @@ class Espnet3:
         return dict(os.environ, PYTHONPATH=pythonpath(self.root, *dirs))
 
 
+def load_wheel_helper():
+    """``tests/espnet3_wheel.py``, the one download+unpack of the espnet wheel (the tests' too).
+
+    Loaded from its file, not by putting ``tests/`` on ``sys.path``: that folder holds an
+    ``espnet3_user`` package of its own, which would shadow this folder's ``espnet3_user``.
+    """
+    import importlib.util
+
+    name = "espnet3_wheel"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "espnet3_wheel.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def setup_espnet3(cache: Path, version: str, venv: Path) -> Espnet3:
-    """Download and unpack the espnet wheel (``espnet3/`` only) and make the bench venv with dask."""
-    root = cache / f"espnet-{version}"
-    if not (root / "espnet3" / "parallel" / "base_runner.py").exists():
-        wheels = cache / "wheels"
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", f"espnet=={version}", "--no-deps", "--only-binary=:all:",
-             "--python-version", "3.12", "-d", str(wheels), "--quiet"],
-            check=True,
-        )  # fmt: skip
-        wheel = next(wheels.glob(f"espnet-{version}-*.whl"))
-        tmp = root.with_name(root.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extractall(tmp, [n for n in archive.namelist() if n.startswith("espnet3/")])
-        os.replace(tmp, root)
+    """Download and unpack the espnet wheel (``espnet3/``, ``espnet2/``) and make the bench venv with dask."""
+    root = load_wheel_helper().espnet3_path(cache, version)
     source = (root / "espnet3" / "parallel" / "base_runner.py").read_text(encoding="utf-8")
     if "def is_shard_done" not in source or "resume" not in source:
         raise RuntimeError(f"espnet {version}: espnet3/parallel/base_runner.py has no resume/done support")
