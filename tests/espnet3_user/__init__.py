@@ -1,0 +1,46 @@
+"""User code written against the real ESPnet3 (``espnet3.parallel``, ``espnet3.systems.base``).
+
+The reference tests (``tests/test_espnet3_reference.py``) run these modules as they
+are, under ESPnet3 in-process and named in an espnet3-rules Snakemake config; and a
+copy made mechanically from the same source with only its import lines switched
+(``espnet3.`` -> ``espnet3_rules.``, see :func:`switch_imports`). There is never a
+second hand-written copy.
+
+- :mod:`espnet3_user.data`: the deterministic toy dataset, the "models" and the inference
+  config's ``output_fn`` (no ESPnet3 imports).
+- :mod:`espnet3_user.words`: an ``EnvironmentProvider`` and a ``BaseRunner`` with writer
+  hooks, a ``merge`` and a constructor option (``suffix``).
+- :mod:`espnet3_user.inference`: an ESPnet3 ``InferenceProvider`` for ESPnet3's own
+  ``InferenceRunner``, and the params ESPnet3's ``infer()`` would give it.
+
+Importing this package itself imports no ESPnet3.
+"""
+
+import re
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+#: ``from espnet3.x import`` / ``import espnet3.x`` at the start of a line (the import lines only).
+_IMPORT_LINE = re.compile(r"^(\s*)(from|import)(\s+)espnet3\.", re.M)
+
+
+def switch_imports(source: str) -> str:
+    """``source`` with each ``from espnet3.`` / ``import espnet3.`` line pointed at ``espnet3_rules.``.
+
+    Nothing but the import lines changes. Raises ``ValueError`` if there are none
+    (a switch that changes nothing would compare ESPnet3 with itself).
+    """
+    switched, count = _IMPORT_LINE.subn(r"\1\2\3espnet3_rules.", source)
+    if count == 0:
+        raise ValueError("no 'from espnet3.' / 'import espnet3.' line to switch")
+    return switched
+
+
+def write_switched(module: str, directory: Path, name: str) -> Path:
+    """Write ``espnet3_user.<module>``'s source, imports switched, as ``<directory>/<name>.py``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.py"
+    source = (PACKAGE_DIR / f"{module}.py").read_text(encoding="utf-8")
+    path.write_text(switch_imports(source), encoding="utf-8")
+    return path
