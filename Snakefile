@@ -6,20 +6,12 @@
 #
 # All logic lives in the espnet3_rules package; the rules only wire paths to its CLI.
 
-from snakemake.utils import min_version, validate
-
-from espnet3_rules.cli.config import check_config, exit_on_contract_error
+from snakemake.utils import min_version
 
 min_version("9.0")
 
 
 configfile: "config/config.yaml"
-
-
-# One-line error naming the offending key first; then Snakemake's validate fills schema defaults.
-with exit_on_contract_error():
-    check_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
-validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"

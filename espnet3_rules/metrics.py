@@ -31,8 +31,10 @@ from espnet3_rules.systems.base.artifacts import (
     unsafe_name_reason,
     write_prepared,
 )
-from espnet3_rules.engine.contracts import ContractError, class_path, env_dataset, import_object
-from espnet3_rules.engine.plan import jsonable, write_json_atomic
+from espnet3_rules.engine.contracts import ContractError, class_path, import_object
+from espnet3_rules.engine.files import write_json_atomic
+from espnet3_rules.engine.job import build_dataset
+from espnet3_rules.engine.plan import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -336,19 +338,13 @@ def _read_json(path: Path) -> Any:
 
 
 def provider_dataset_source(provider: Any) -> DatasetSource:
-    """A provider's test set: its static ``build_dataset(config)``, else ``build_env_local()["dataset"]``."""
-    build_dataset = getattr(type(provider), "build_dataset", None)
-    config = getattr(provider, "config", None)
-    if callable(build_dataset):
-        build = lambda: build_dataset(config)  # noqa: E731 - deferred until a column is needed
-    else:
-        build = lambda: env_dataset(provider, provider.build_env_local())  # noqa: E731
+    """A provider's test set (see :func:`espnet3_rules.engine.job.build_dataset`), built when a column is needed."""
     identity = {
         "provider": class_path(type(provider)),
-        "config": jsonable(config),
+        "config": jsonable(getattr(provider, "config", None)),
         "params": jsonable(getattr(provider, "params", None) or {}),
     }
-    return DatasetSource(build=build, identity=identity)
+    return DatasetSource(build=lambda: build_dataset(provider), identity=identity)
 
 
 # ---------------------------------------------------------------- measure

@@ -1,74 +1,40 @@
 """Command line the Snakemake rules call: ``python -m espnet3_rules plan|run-shard|merge|status``.
 
-Each command works on one unit, named either by ``--manifest`` (what the rules
-pass) or by ``--config FILE --job NAME`` (for use by hand).
+Each command works on one job, named by ``--manifest`` (what the rules pass; the
+manifest embeds the job description), by ``--job-json`` (``plan``), or by
+``--config FILE --job NAME`` (for use by hand; ``NAME/TEST_SET`` for a test set).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import traceback
-from pathlib import Path
 from typing import List, Optional
 
 from espnet3_rules.engine.contracts import ContractError
-from espnet3_rules.engine.plan import ShardPlan, read_manifest, write_manifest
+from espnet3_rules.engine.job import JobSpec, build_provider, build_runner, check_classes, runner_class
+from espnet3_rules.engine.plan import MANIFEST_NAME, ShardPlan, plan_job, read_manifest, write_manifest
 
-log = logging.getLogger("espnet3_rules")
 
-
-def _unit_from_args(args: argparse.Namespace):
-    from espnet3_rules.cli.config import Unit, unit_from_config
-
-    if args.unit_json:
-        return Unit.from_json(args.unit_json)
+def _job_from_args(args: argparse.Namespace) -> JobSpec:
+    if args.job_json:
+        return JobSpec.from_json(args.job_json)
     if args.config and args.job:
-        import yaml
+        from espnet3_rules.cli.config import job_from_config, read_config
 
-        try:
-            config = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise ContractError(f"{args.config}: cannot read config ({exc})") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{args.config}:{mark.line + 1}:{mark.column + 1}" if mark else str(args.config)
-            raise ContractError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-        return unit_from_config(config, args.job)
-    raise ContractError("name the job with --unit-json, or with --config FILE --job NAME")
+        return job_from_config(read_config(args.config), args.job)
+    raise ContractError("name the job with --job-json, or with --config FILE --job NAME")
 
 
 def _plan_from_args(args: argparse.Namespace) -> ShardPlan:
     if args.manifest:
         return read_manifest(args.manifest)
-    return read_manifest(Path(_unit_from_args(args).root) / "manifest.json")
-
-
-def _runner_for(plan: ShardPlan):
-    """Rebuild the runner a manifest was planned for."""
-    from espnet3_rules.cli.config import Unit, build_runner
-
-    spec = plan.spec
-    unit = Unit(
-        job=plan.shard_subdir or plan.output_dir.name,
-        runner=spec["runner"],
-        provider=spec["provider"],
-        output_dir=str(plan.output_dir),
-        shard_subdir=plan.shard_subdir,
-        n_shards=plan.n_shards,
-        batch_size=spec.get("batch_size"),
-        provider_config=spec.get("provider_config") or {},
-        params=spec.get("params") or {},
-        runner_kwargs=spec.get("runner_kwargs") or {},
-    )
-    return build_runner(unit)
+    return read_manifest(_job_from_args(args).root / MANIFEST_NAME)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from espnet3_rules.cli.config import plan_unit
-
-    plan = plan_unit(_unit_from_args(args))
+    plan = plan_job(_job_from_args(args))
     path = write_manifest(plan)
     print(f"{path}: {plan.summary()}")
     return 0
@@ -80,12 +46,12 @@ def cmd_run_shard(args: argparse.Namespace) -> int:
 
     plan = _plan_from_args(args)
     plan.shard_dir(args.shard)  # refuses an id outside the plan before building anything
-    runner = _runner_for(plan)
-    runner.validate()
+    check_classes(plan.job)
     with gpu_slots(args.gpus) as device:
-        env = build_worker_env(runner)
+        provider = build_provider(plan.job)
+        env = build_worker_env(provider)
         env.setdefault("device", device)
-        run_shard(runner, plan, args.shard, env)
+        run_shard(runner_class(plan.job), plan, args.shard, env, type(provider).__name__)
     print(f"{plan.shard_dir(args.shard)}: done ({len(plan.shards[args.shard])} items; {_usage()})")
     return 0
 
@@ -102,7 +68,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from espnet3_rules.engine.merge import merge_plan
 
     plan = _plan_from_args(args)
-    merge_plan(_runner_for(plan), plan)
+    merge_plan(build_runner(plan.job), plan)
     print(f"{plan.root}: merged {plan.n_shards} shards")
     return 0
 
@@ -110,7 +76,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_measure(args: argparse.Namespace) -> int:
     import json
 
-    from espnet3_rules.cli.config import measure_job
+    from espnet3_rules.cli.measure import measure_job
 
     spec = json.loads(args.spec_json)
     results = measure_job(spec)
@@ -155,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config file (with --job)")
         p.add_argument("--job", help="job name in the config")
         if name == "plan":
-            p.add_argument("--unit-json", help="the job as JSON (what the Snakemake rule passes)")
+            p.add_argument("--job-json", help="the job description as JSON (what the Snakemake rule passes)")
         else:
-            p.set_defaults(unit_json=None)
+            p.set_defaults(job_json=None)
             p.add_argument("--manifest", help="manifest.json of the job")
         if name == "run-shard":
             p.add_argument("--shard", type=int, required=True, help="shard id N (split.N)")
@@ -178,6 +144,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     Exit status: 2 for a contract error, 1 for any other error.
     """
     args = build_parser().parse_args(argv)
+    import logging
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

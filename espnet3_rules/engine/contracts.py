@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 
 class ContractError(ValueError):
-    """A provider/runner/config breaks the ESPnet3 contract."""
+    """A provider/runner/config breaks the ESPnet3 contract (one line, naming the class, hook or key)."""
 
 
 def import_object(path: str, what: str = "object") -> Any:
@@ -50,14 +50,14 @@ def class_path(cls: type) -> str:
 
 
 def check_runner_class(runner_cls: type) -> None:
-    """Check that ``forward`` is a concrete ``@staticmethod`` of ``runner_cls``."""
+    """Check that ``forward`` is a concrete ``@staticmethod`` or ``@classmethod`` of ``runner_cls``."""
     forward = inspect.getattr_static(runner_cls, "forward", None)
     name = runner_cls.__name__
     if forward is None:
         raise ContractError(f"{name} has no forward(); define @staticmethod forward(idx, dataset, model, **env)")
-    if not isinstance(forward, staticmethod):
+    if not isinstance(forward, (staticmethod, classmethod)):
         raise ContractError(
-            f"{name}.forward must be a @staticmethod (it is a {type(forward).__name__}); "
+            f"{name}.forward must be a @staticmethod or @classmethod (it is a {type(forward).__name__}); "
             "shards call it without an instance, so it must not take or capture self"
         )
     if getattr(forward.__func__, "__isabstractmethod__", False):

@@ -1,4 +1,4 @@
-"""Merge on the driver: only shards whose ``done`` matches the current plan."""
+"""Merge on the driver: ``runner.merge`` over shards whose ``done`` matches the current plan."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any, List
 
 from espnet3_rules.engine.contracts import ContractError
-from espnet3_rules.engine.plan import ShardPlan, jsonable, write_json_atomic
-from espnet3_rules.engine.shard import done_path, read_done
+from espnet3_rules.engine.files import write_json_atomic
+from espnet3_rules.engine.plan import ShardPlan, jsonable
+from espnet3_rules.engine.shard import done_path, is_shard_done, read_done
 
 MERGE_DONE_NAME = "merge.done"
 REJECTED_DONE_NAME = "done.rejected"
@@ -17,11 +18,7 @@ REJECTED_DONE_NAME = "done.rejected"
 
 def pending_shards(plan: ShardPlan) -> List[int]:
     """Shard ids without a ``done`` from this plan (missing, torn, or from another plan)."""
-    return [
-        shard_id
-        for shard_id, shard_dir in enumerate(plan.shard_dirs())
-        if (read_done(shard_dir) or {}).get("fingerprint") != plan.fingerprint
-    ]
+    return [shard_id for shard_id in range(plan.n_shards) if not is_shard_done(plan, shard_id)]
 
 
 def completed_shard_dirs(plan: ShardPlan, set_aside: bool = False) -> List[Path]:

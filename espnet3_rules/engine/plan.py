@@ -1,18 +1,19 @@
-"""The shard plan: batching, contiguous balanced chunks, fingerprint, ``manifest.json``."""
+"""The shard plan of a job: batching, contiguous balanced chunks, fingerprint, ``manifest.json``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from espnet3_rules.engine.contracts import ContractError
+from espnet3_rules.engine.contracts import ContractError, check_setup_fn
+from espnet3_rules.engine.files import write_json_atomic
+from espnet3_rules.engine.job import JobSpec, build_provider, build_runner, check_classes, count_items
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 
 def make_batches(indices: Sequence[Any], batch_size: Optional[int]) -> List[Any]:
@@ -96,25 +97,22 @@ def canonical_json(obj: Any) -> str:
 
 @dataclass
 class ShardPlan:
-    """What every shard of one run processes, and the fingerprint of what determines results.
+    """What every shard of one job processes, and the fingerprint of what determines results.
 
-    ``spec`` holds what determines results besides the items: runner and provider
-    import paths, provider config and params, runner options, ``batch_size``.
+    The fingerprint hashes the job's result fields (classes, provider config and
+    params, runner options, ``batch_size``) and every shard's items.
     """
 
-    spec: Dict[str, Any]
-    output_dir: Path
-    shard_subdir: str
+    job: JobSpec
     shards: List[List[Any]]
     n_items: int
     fingerprint: str = field(default="")
 
     def __post_init__(self) -> None:
-        self.output_dir = Path(self.output_dir)
         if not self.fingerprint:
             encoded = [encode_items(items) for items in self.shards]
             self.fingerprint = hashlib.sha256(
-                canonical_json({"spec": self.spec, "shards": encoded}).encode("utf-8")
+                canonical_json({"job": self.job.result_fields(), "shards": encoded}).encode("utf-8")
             ).hexdigest()
 
     @property
@@ -125,7 +123,7 @@ class ShardPlan:
     @property
     def root(self) -> Path:
         """``output_dir/shard_subdir``: where ``manifest.json`` and ``split.N/`` live."""
-        return self.output_dir / self.shard_subdir if self.shard_subdir else self.output_dir
+        return self.job.root
 
     @property
     def manifest_path(self) -> Path:
@@ -143,15 +141,13 @@ class ShardPlan:
         return [self.shard_dir(i) for i in range(self.n_shards)]
 
     def to_manifest(self) -> Dict[str, Any]:
-        """The JSON document written to ``manifest.json``."""
+        """The JSON document written to ``manifest.json``: the job description, the items, the fingerprint."""
         return {
             "version": MANIFEST_VERSION,
             "fingerprint": self.fingerprint,
-            "output_dir": str(self.output_dir),
-            "shard_subdir": self.shard_subdir,
+            "job": jsonable(self.job.to_dict()),
             "n_items": self.n_items,
             "n_shards": self.n_shards,
-            "spec": jsonable(self.spec),
             "shards": [
                 {"shard_id": i, "n_items": len(items), "items": encode_items(items)}
                 for i, items in enumerate(self.shards)
@@ -161,63 +157,30 @@ class ShardPlan:
     def summary(self) -> str:
         """One line: shards and items per shard."""
         sizes = [len(s) for s in self.shards]
-        unit = "batches" if self.spec.get("batch_size") else "items"
+        unit = "batches" if self.job.batch_size else "items"
         per = f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
-        return f"{self.n_shards} shards x {per} {unit} ({self.n_items} items, batch_size={self.spec.get('batch_size')})"
+        return f"{self.n_shards} shards x {per} {unit} ({self.n_items} items, batch_size={self.job.batch_size})"
 
 
-def make_plan(
-    spec: Mapping[str, Any],
-    indices: Sequence[Any],
-    n_shards: int,
-    output_dir: Any,
-    shard_subdir: str = "",
-    where: str = "",
-) -> ShardPlan:
-    """Batch ``indices`` and split them into ``n_shards`` contiguous shards.
+def make_plan(job: JobSpec, indices: Sequence[Any]) -> ShardPlan:
+    """Batch ``indices`` and split them into ``job.n_shards`` contiguous shards.
 
     Refuses an empty item list and more shards than items (batches): every shard
     of the plan is a real job with work to do.
     """
-    label = f"{where}: " if where else ""
+    n_shards = job.n_shards
     if not isinstance(n_shards, int) or isinstance(n_shards, bool) or n_shards < 1:
-        raise ContractError(f"{label}n_shards must be an integer >= 1, got {n_shards!r}")
-    if output_dir is None or str(output_dir) == "":
-        raise ContractError(f"{label}output_dir is required: shards write split.N/ under it")
+        raise ContractError(f"n_shards must be an integer >= 1, got {n_shards!r}")
+    if job.output_dir is None or str(job.output_dir) == "":
+        raise ContractError("output_dir is required: shards write split.N/ under it")
     indices = list(indices)
     if not indices:
-        raise ContractError(f"{label}the dataset is empty: nothing to shard")
-    items = make_batches(indices, spec.get("batch_size"))
+        raise ContractError("the dataset is empty: nothing to shard")
+    items = make_batches(indices, job.batch_size)
     if n_shards > len(items):
-        unit = "batches" if spec.get("batch_size") else "items"
-        raise ContractError(
-            f"{label}n_shards ({n_shards}) exceeds the number of {unit} ({len(items)}); lower n_shards"
-        )
-    return ShardPlan(
-        spec=dict(spec),
-        output_dir=Path(output_dir),
-        shard_subdir=shard_subdir or "",
-        shards=split_contiguous(items, n_shards),
-        n_items=len(indices),
-    )
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temp file, fsync and rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        unit = "batches" if job.batch_size else "items"
+        raise ContractError(f"n_shards ({n_shards}) exceeds the number of {unit} ({len(items)}); lower n_shards")
+    return ShardPlan(job=job, shards=split_contiguous(items, n_shards), n_items=len(indices))
 
 
 def write_manifest(plan: ShardPlan) -> Path:
@@ -235,14 +198,30 @@ def read_manifest(path: Any) -> ShardPlan:
         raise ContractError(f"{path}: manifest not found; run the plan step first") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ContractError(f"{path}: manifest is not valid JSON ({exc})") from None
-    if data.get("version") != MANIFEST_VERSION:
-        raise ContractError(f"{path}: manifest version {data.get('version')!r} is not {MANIFEST_VERSION}")
+    if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
+        version = data.get("version") if isinstance(data, dict) else None
+        raise ContractError(f"{path}: manifest version {version!r} is not {MANIFEST_VERSION}; run the plan step again")
     shards = [decode_items(s["items"]) for s in sorted(data["shards"], key=lambda s: s["shard_id"])]
     return ShardPlan(
-        spec=data["spec"],
-        output_dir=Path(data["output_dir"]),
-        shard_subdir=data["shard_subdir"],
+        job=JobSpec.from_dict(data["job"]),
         shards=shards,
         n_items=data["n_items"],
         fingerprint=data["fingerprint"],
     )
+
+
+def plan_job(job: JobSpec) -> ShardPlan:
+    """Every plan-time check, then the shard plan of ``job``.
+
+    Constructs the provider and the runner (their constructors check their
+    options), checks that ``build_worker_setup_fn()`` returns a function, and
+    counts the items (``items``, else the provider's dataset).
+    """
+    check_classes(job)
+    provider = build_provider(job)
+    build_runner(job, provider)
+    check_setup_fn(provider, provider.build_worker_setup_fn())
+    try:
+        return make_plan(job, range(count_items(job, provider)))
+    except ContractError as exc:
+        raise ContractError(f"jobs.{job.name}: {exc}") from None

@@ -1,30 +1,48 @@
-"""Run one shard: build env, forward over its items, stream writer hooks, atomic ``done``."""
+"""Run one shard: forward over its items through the runner's hooks, atomic ``done`` last.
+
+Only the public ESPnet3 contract of the runner class is used: ``init_state``,
+``forward``, ``reduce_state`` (or, where it is the standard one, ``write_record``
+directly), ``finalize_state``.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from espnet3_rules.engine.contracts import check_env, check_forward_env, check_setup_fn, env_kwargs
-from espnet3_rules.engine.plan import ShardPlan, write_json_atomic
+from espnet3_rules.engine.contracts import ContractError, check_env, check_forward_env, check_setup_fn, env_kwargs
+from espnet3_rules.engine.files import atomic_path, write_json_atomic
+from espnet3_rules.engine.job import shard_env
+from espnet3_rules.engine.plan import ShardPlan
 
 DONE_NAME = "done"
+STATE_NAME = "_state.pkl"
+
+#: Attribute that marks a base class's standard hook, so the shard loop may skip calling it:
+#: ``"fold_via_write_record"`` on a ``reduce_state`` that only calls ``write_record``;
+#: ``"append_to_records"`` on a ``write_record`` that only appends to ``state["records"]``.
+STANDARD_HOOK = "_espnet3_rules_standard_hook"
 
 
-def build_local_env(runner: Any) -> Dict[str, Any]:
-    """Env for in-process runs: ``provider.build_env_local()``."""
-    return check_env(runner.provider, runner.provider.build_env_local())
+def standard_hook(kind: str) -> Callable[[Callable], Callable]:
+    """Mark a base-class hook as the standard one (see :data:`STANDARD_HOOK`)."""
+
+    def mark(fn: Callable) -> Callable:
+        setattr(fn, STANDARD_HOOK, kind)
+        return fn
+
+    return mark
 
 
-def build_worker_env(runner: Any) -> Dict[str, Any]:
-    """Env for a shard process: ``provider.build_worker_setup_fn()()``, checked on the way."""
-    provider = runner.provider
+def build_worker_env(provider: Any) -> Dict[str, Any]:
+    """A shard process's env: ``provider.build_worker_setup_fn()()``, checked on the way."""
     setup = check_setup_fn(provider, provider.build_worker_setup_fn())
     return check_env(provider, setup())
 
@@ -45,8 +63,44 @@ def read_done(shard_dir: Path) -> Optional[Dict[str, Any]]:
 
 def is_shard_done(plan: ShardPlan, shard_id: int) -> bool:
     """True only if the shard's ``done`` was written by a run of this very plan."""
-    record = read_done(plan.shard_dir(shard_id))
-    return record is not None and record.get("fingerprint") == plan.fingerprint
+    return (read_done(plan.shard_dir(shard_id)) or {}).get("fingerprint") == plan.fingerprint
+
+
+def save_state(state: Dict[str, Any], shard_dir: Path) -> Path:
+    """Persist a finalized shard state as ``split.N/_state.pkl`` (atomically)."""
+    path = Path(shard_dir) / STATE_NAME
+    try:
+        with atomic_path(path, durable=True) as tmp, tmp.open("wb") as f:
+            pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise ContractError(
+            f"shard state of {shard_dir} cannot be pickled ({exc}); return picklable values "
+            "from forward/close_writers or stream results to files with writer hooks"
+        ) from exc
+    return path
+
+
+def load_state(shard_dir: Path) -> Dict[str, Any]:
+    """Read a shard state written by :func:`save_state`."""
+    with (Path(shard_dir) / STATE_NAME).open("rb") as f:
+        return pickle.load(f)
+
+
+def record_folder(runner_cls: type, shard_id: int, env: Dict[str, Any]) -> Tuple[str, Optional[Callable], Dict[str, Any]]:
+    """How the shard loop folds each ``forward`` result into the state, the env bound once per shard.
+
+    - ``("reduce", reduce_state, env)``: ``state = reduce_state(state, result, **env)`` (ESPnet3's loop);
+    - ``("write", write_record, kwargs)`` where ``reduce_state`` is the standard one:
+      ``write_record(state["_writers"], result, state, **kwargs)``, with no frame in between;
+    - ``("append", None, {})`` where ``write_record`` is also standard: results go to ``state["records"]``.
+    """
+    hook_env = {"shard_id": shard_id, **env}
+    if getattr(runner_cls.reduce_state, STANDARD_HOOK, None) != "fold_via_write_record":
+        return "reduce", runner_cls.reduce_state, hook_env
+    write_record = runner_cls.write_record
+    if getattr(write_record, STANDARD_HOOK, None) == "append_to_records":
+        return "append", None, {}
+    return "write", write_record, env_kwargs(write_record, hook_env, 3)
 
 
 def progress_chunks(
@@ -73,7 +127,9 @@ def progress_chunks(
             size = max(1, size // 2)
 
 
-def run_shard(runner: Any, plan: ShardPlan, shard_id: int, env: Dict[str, Any]) -> Dict[str, Any]:
+def run_shard(
+    runner_cls: type, plan: ShardPlan, shard_id: int, provider_env: Dict[str, Any], provider_name: Optional[str] = None
+) -> Dict[str, Any]:
     """Process one shard end to end and return its finalized state.
 
     Any earlier ``done`` is removed first, so a shard that dies part-way leaves
@@ -81,9 +137,8 @@ def run_shard(runner: Any, plan: ShardPlan, shard_id: int, env: Dict[str, Any]) 
     An exception on the way gets a note naming the shard and the item (or hook)
     it failed in, which the CLI puts in its one-line error.
     """
-    runner_cls = type(runner)
-    env = runner.runtime_env(env)
-    check_forward_env(runner_cls, env, type(runner.provider).__name__)
+    env = shard_env(plan.job, provider_env)
+    check_forward_env(runner_cls, env, provider_name)
     shard_dir = plan.shard_dir(shard_id)
     shard_dir.mkdir(parents=True, exist_ok=True)
     done_path(shard_dir).unlink(missing_ok=True)
@@ -91,17 +146,17 @@ def run_shard(runner: Any, plan: ShardPlan, shard_id: int, env: Dict[str, Any]) 
     items = plan.shards[shard_id]
     progress = tqdm(
         total=len(items),
-        desc=f"{plan.shard_subdir or plan.output_dir.name} shard {shard_id}",
-        unit="batch" if plan.spec.get("batch_size") else "item",
+        desc=f"{plan.job.name} shard {shard_id}",
+        unit="batch" if plan.job.batch_size else "item",
         mininterval=1.0,
         disable=None if sys.stderr.isatty() else False,
         file=sys.stderr,
     )
-    stage, item = "open_writers", None
+    stage, item = "init_state", None
     try:
         state = runner_cls.init_state(shard_id=shard_id, **env)
         forward, forward_env = runner_cls.forward, env_kwargs(runner_cls.forward, env, 1)
-        how, hook, hook_env = runner_cls.record_hook(shard_id, env)
+        how, hook, hook_env = record_folder(runner_cls, shard_id, env)
         stage = "forward"
         if how == "append":
             append = state["records"].append
@@ -117,10 +172,10 @@ def run_shard(runner: Any, plan: ShardPlan, shard_id: int, env: Dict[str, Any]) 
             for chunk in progress_chunks(items, progress):
                 for item in chunk:
                     state = hook(state, forward(item, **forward_env), **hook_env)
-        stage = "close_writers"
+        stage = "finalize_state"
         state = runner_cls.finalize_state(state, shard_id=shard_id, **env)
-        stage = "serialize_state"
-        runner_cls.serialize_state(state, shard_dir)
+        stage = "save_state"
+        save_state(state, shard_dir)
     except Exception as exc:
         exc.add_note(f"{shard_dir} item {item!r}" if stage == "forward" else f"{shard_dir} ({stage})")
         raise

@@ -1,13 +1,13 @@
 """Environment providers: build dataset/model/tokenizer once per process.
 
-Mirrors ``espnet3.parallel.env_provider.EnvironmentProvider`` so that an ESPnet3
+At ESPnet3's path (``espnet3.parallel.env_provider``) so that an ESPnet3
 provider works here by changing only its import line.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Callable, Dict, Mapping, Optional, Set
 
 from espnet3_rules.engine.contracts import ContractError
 
@@ -48,10 +48,17 @@ class EnvironmentProvider(ABC):
             )
         return legacy(self)
 
-    def declared_env_keys(self) -> Optional[Set[str]]:
-        """Env keys this provider will return, if known without building anything.
+    @classmethod
+    def declared_env_keys(cls, params: Mapping[str, Any]) -> Optional[Set[str]]:
+        """Env keys this provider class will return, if known without building anything.
 
-        Used to check ``forward``'s parameter names at plan time. ``None`` (the
-        default) means "unknown": the check then runs when the env is built.
+        Not part of ESPnet3's contract (a provider without it works the same): the
+        workflow uses it to check ``forward``'s parameter names at ``snakemake -n``.
+
+        Args:
+            params: The job's provider params.
+
+        Returns:
+            The keys, or ``None`` (the default) for "unknown": the check then runs when a shard builds its env.
         """
         return None

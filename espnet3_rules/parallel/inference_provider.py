@@ -1,6 +1,6 @@
 """InferenceProvider: a provider whose env is ``{"dataset", "model", **params}``.
 
-Mirrors ``espnet3.parallel.inference_provider.InferenceProvider``.
+At ESPnet3's path (``espnet3.parallel.inference_provider``).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class InferenceProvider(EnvironmentProvider):
             self._local_env = self.build_worker_setup_fn()()
         return dict(self._local_env)
 
-    def declared_env_keys(self) -> Set[str]:
-        """``dataset``, ``model`` and every ``params`` key."""
-        return {"dataset", "model", *self.params}
+    @classmethod
+    def declared_env_keys(cls, params: Mapping[str, Any]) -> Set[str]:
+        """``dataset``, ``model`` and every ``params`` key (see ``EnvironmentProvider.declared_env_keys``)."""
+        return {"dataset", "model", *params}

@@ -2,34 +2,37 @@ import json
 import re
 import sys
 
-from espnet3_rules.cli.config import GROWING_RESOURCES, Unit, describe_unit, exit_on_contract_error, measure_specs, units_from_config
+from espnet3_rules.cli.config import GROWING_RESOURCES, describe_job, exit_on_contract_error, jobs_from_config, shard_resource as resource_of
+from espnet3_rules.cli.measure import measure_specs
 
-# One unit per job: <output_dir>/<shard_subdir> holds manifest.json, split.N/, merge.done.
-# Contract errors stop snakemake (also -n) with one line; no job may write into config/.
+# One job description per job (or test set): <output_dir>/<shard_subdir> holds manifest.json,
+# split.N/, merge.done. The config is checked against the schema (one line naming the key);
+# contract errors stop snakemake (also -n) with one line; no job may write into config/.
 with exit_on_contract_error():
-    UNITS = units_from_config(config, protected_dirs=("config", f"{workflow.basedir}/config"))
+    JOBS = jobs_from_config(config, protected_dirs=("config", f"{workflow.basedir}/config"))
+    MEASURES = measure_specs(config)
 
 
 wildcard_constraints:
-    unit="|".join(re.escape(root) for root in sorted(UNITS, key=len, reverse=True)),
+    job="|".join(re.escape(root) for root in sorted(JOBS, key=len, reverse=True)),
     i=r"\d+",
 
 
 if workflow.is_main_process:
     with exit_on_contract_error():
-        for _unit in UNITS.values():
-            print(f"espnet3-rules plan: {describe_unit(_unit)}", file=sys.stderr)
+        for _job in JOBS.values():
+            print(f"espnet3-rules plan: {describe_job(_job)}", file=sys.stderr)
 
 
-def unit_of(wildcards):
-    """The unit a job's {unit} wildcard names."""
-    return UNITS[wildcards.unit]
+def job_of(wildcards):
+    """The job description that a rule's {job} wildcard (its root directory) names."""
+    return JOBS[wildcards.job]
 
 
 def shard_done_files(wildcards):
-    """Every split.N/done of a unit, for its merge."""
-    unit = unit_of(wildcards)
-    return [f"{unit.root}/split.{i}/done" for i in range(unit.n_shards)]
+    """Every split.N/done of a job, for its merge."""
+    job = job_of(wildcards)
+    return [f"{wildcards.job}/split.{i}/done" for i in range(job.n_shards)]
 
 
 def measure_of(wildcards):
@@ -38,32 +41,32 @@ def measure_of(wildcards):
 
 
 def per_shard(value_of):
-    """``value_of(unit)`` for the shard rule: the value itself where every job has the same,
+    """``value_of(job)`` for the shard rule: the value itself where every job has the same,
     else a function of the shard's wildcards (which Snakemake inspects and calls per shard,
     the larger part of a 10,000-shard dry-run)."""
-    values = [value_of(unit) for unit in UNITS.values()]
+    values = [value_of(job) for job in JOBS.values()]
     if values and all(value == values[0] for value in values):
         return values[0]
-    return lambda wildcards: value_of(unit_of(wildcards))
+    return lambda wildcards: value_of(job_of(wildcards))
 
 
 def shard_resource(name):
     """Per-shard resource ``name`` of the job (``resources:`` config); ``mem_mb`` and
     ``runtime`` grow per retry attempt unless ``attempt_scale`` is 1."""
-    if name in GROWING_RESOURCES and any(u.shard_resource("attempt_scale") != 1 for u in UNITS.values()):
-        return lambda wildcards, attempt: unit_of(wildcards).shard_resource(name, attempt)
-    return per_shard(lambda unit: unit.shard_resource(name))
+    if name in GROWING_RESOURCES and any(resource_of(job, "attempt_scale") != 1 for job in JOBS.values()):
+        return lambda wildcards, attempt: resource_of(job_of(wildcards), name, attempt)
+    return per_shard(lambda job: resource_of(job, name))
 
 
 def all_targets():
-    """Every unit's merge.done and every shard's done.
+    """Every job's merge.done and every shard's done.
 
     The shard markers are targets too: Snakemake does not rebuild a deleted
     intermediate file whose consumer is up to date, so a deleted split.N/done
     would otherwise go unnoticed; as a target it reruns that shard, then the merge.
     """
     targets = []
-    for unit in UNITS.values():
-        targets += [f"{unit.root}/split.{i}/done" for i in range(unit.n_shards)]
-        targets.append(f"{unit.root}/merge.done")
+    for root, job in JOBS.items():
+        targets += [f"{root}/split.{i}/done" for i in range(job.n_shards)]
+        targets.append(f"{root}/merge.done")
     return targets + [spec["output"] for spec in MEASURES.values()]

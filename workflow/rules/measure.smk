@@ -1,7 +1,3 @@
-with exit_on_contract_error():
-    MEASURES = measure_specs(config)
-
-
 wildcard_constraints:
     metrics_dir="|".join(re.escape(metrics_dir) for metrics_dir in MEASURES) or "(?!)",
 
@@ -13,7 +9,7 @@ localrules:
 rule measure:
     """Metrics (e.g. WER/CER) over every merged test set of a job -> <output_dir>/metrics.json."""
     input:
-        lambda w: [f"{Unit(**u).root}/merge.done" for u in measure_of(w)["units"]],
+        lambda w: measure_of(w)["merged"],
     output:
         "{metrics_dir}/metrics.json",
     params:

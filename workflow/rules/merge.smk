@@ -3,13 +3,13 @@ localrules:
 
 
 rule merge:
-    """Merge every shard of a unit (only shards whose done matches the manifest)."""
+    """Merge every shard of a job (only shards whose done matches the manifest)."""
     input:
-        manifest="{unit}/manifest.json",
+        manifest="{job}/manifest.json",
         shards=shard_done_files,
     output:
-        "{unit}/merge.done",
+        "{job}/merge.done",
     log:
-        "{unit}/logs/merge.log",
+        "{job}/logs/merge.log",
     shell:
         "python -m espnet3_rules merge --manifest {input.manifest:q} > {log:q} 2>&1"

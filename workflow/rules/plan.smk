@@ -3,14 +3,14 @@ localrules:
 
 
 rule plan:
-    """Contract checks, then manifest.json: each shard's items and the plan fingerprint."""
+    """Contract checks, then manifest.json: the job description, each shard's items, the fingerprint."""
     input:
-        lambda w: unit_of(w).inputs,
+        lambda w: job_of(w).inputs,
     output:
-        "{unit}/manifest.json",
+        "{job}/manifest.json",
     params:
-        unit=lambda w: unit_of(w).to_json(),
+        job=lambda w: job_of(w).to_json(),
     log:
-        "{unit}/logs/plan.log",
+        "{job}/logs/plan.log",
     shell:
-        "python -m espnet3_rules plan --unit-json {params.unit:q} > {log:q} 2>&1"
+        "python -m espnet3_rules plan --job-json {params.job:q} > {log:q} 2>&1"

@@ -1,16 +1,16 @@
 rule shard:
     """One shard: build the env once, forward over its items, write split.N/done last."""
     input:
-        manifest="{unit}/manifest.json",
-        data=per_shard(lambda unit: unit.inputs),
+        manifest="{job}/manifest.json",
+        data=per_shard(lambda job: job.inputs),
     output:
-        "{unit}/split.{i}/done",
+        "{job}/split.{i}/done",
     log:
-        "{unit}/logs/split.{i}.log",
+        "{job}/logs/split.{i}.log",
     benchmark:
-        "{unit}/benchmarks/split.{i}.tsv"
+        "{job}/benchmarks/split.{i}.tsv"
     group:
-        per_shard(Unit.shard_group)
+        per_shard(lambda job: resource_of(job, "group") or None)
     threads: shard_resource("threads")
     resources:
         mem_mb=shard_resource("mem_mb"),

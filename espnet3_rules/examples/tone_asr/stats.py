@@ -11,7 +11,6 @@ the feats job makes, so the stats describe exactly the features it writes.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from espnet3_rules.parallel.base_runner import BaseRunner
 from espnet3_rules.engine.contracts import ContractError
+from espnet3_rules.engine.files import atomic_path
 
 STATS_NAME = "feats_stats.npz"
 
@@ -71,12 +71,8 @@ class FeatureSums:
         if with_moments:
             arrays["mean"], arrays["var"] = self.mean_var()
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-        with tmp.open("wb") as f:
+        with atomic_path(path, durable=True) as tmp, tmp.open("wb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         return path
 
     @classmethod
@@ -103,7 +99,7 @@ class CollectStatsRunner(BaseRunner):
     Args:
         provider: Provider of ``dataset`` (items with ``input_key``) and ``model``
             (``model(list_of_waveforms, output="feats")`` -> ``[{"feats": (T, D)}]``).
-        input_key: Dataset item key holding the waveform.
+        input_key: Dataset item key holding the waveform (``forward`` sees it as an env default).
         **kwargs: BaseRunner arguments (``output_dir``, ``batch_size``, ``n_shards``...).
     """
 
@@ -111,16 +107,6 @@ class CollectStatsRunner(BaseRunner):
         """Keep the input key."""
         super().__init__(provider, **kwargs)
         self.input_key = input_key
-
-    def runner_kwargs(self) -> Dict[str, Any]:
-        """The input key, recorded in the plan."""
-        return {"input_key": self.input_key}
-
-    def runtime_env(self, env: Dict[str, Any]) -> Dict[str, Any]:
-        """Expose ``input_key`` to ``forward`` (a provider param of that name wins)."""
-        env = super().runtime_env(env)
-        env.setdefault("input_key", self.input_key)
-        return env
 
     @staticmethod
     def forward(idx: Any, dataset: Any = None, model: Any = None, input_key: str = "speech", **env: Any) -> FeatureSums:

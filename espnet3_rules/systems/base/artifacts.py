@@ -23,12 +23,12 @@ import json
 import os
 import pickle
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Optional
 
 from espnet3_rules.engine.contracts import ContractError, import_object
+from espnet3_rules.engine.files import atomic_path
 
 SUFFIXES = {"npy": ".npy", "wav": ".wav", "json": ".json", "pickle": ".pkl"}
 ARRAY_TYPES = ("npy", "wav")
@@ -290,18 +290,6 @@ def _to_pcm16(array: Any, where: str) -> Any:
 
 
 # ---------------------------------------------------------------- writing
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; renamed onto ``path`` on success, removed on error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_prepared(prepared: PreparedValue, field_dir: Path, utt_id: str) -> str:
     """The scp text of a prepared value: itself, or the absolute path of the artifact written."""
     if prepared.text is not None:

@@ -1,6 +1,6 @@
 """InferenceRunner: writer-style runner streaming each output field to ``<field>.scp``.
 
-Mirrors ``espnet3.systems.base.inference_runner.InferenceRunner`` (plain-model
+At ESPnet3's path (``espnet3.systems.base.inference_runner``; its plain-model
 path): ``forward`` feeds ``dataset[idx][input_key]`` to the model (plus
 ``model_kwargs``), optionally through ``output_fn(data=, model_output=, idx=)``;
 each result is a dict with an id (``idx_key``) and fields; each field goes to
@@ -28,14 +28,14 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
 from espnet3_rules.systems.base.artifacts import (
     ArtifactSpec,
     PreparedValue,
-    atomic_path,
     check_field_name,
     check_utt_id,
     prepare_value,
     resolve_artifact_configs,
     write_prepared,
 )
-from espnet3_rules.parallel.base_runner import BaseRunner, concatenate_to_temp
+from espnet3_rules.engine.files import atomic_path, concatenate_to_temp
+from espnet3_rules.parallel.base_runner import BaseRunner
 from espnet3_rules.engine.contracts import ContractError, import_object
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,9 @@ def _forward_env(env: Mapping[str, Any]) -> Dict[str, Any]:
     keys = as_key_list(env.get("input_key"))
     if not keys:
         raise ContractError("InferenceRunner.forward needs input_key (runner option or provider param)")
-    output_fn = env.get("output_fn")
-    if output_fn is None and env.get("output_fn_path"):
-        output_fn = import_object(env["output_fn_path"], "output_fn")
+    output_fn = env.get("output_fn") or env.get("output_fn_path")
+    if isinstance(output_fn, str):
+        output_fn = import_object(output_fn, "output_fn")
     model_kwargs = env.get("model_kwargs") or {}
     if not isinstance(model_kwargs, Mapping):
         raise ContractError(f"model_kwargs must be a mapping, got {type(model_kwargs).__name__}")
@@ -202,6 +202,9 @@ class InferenceRunner(BaseRunner):
             ``{"type": "json"}`` / ``{"type": "pickle"}``, or ``{"writer": "pkg.mod.func"}``
             called as ``func(value, path_without_suffix, **other_keys)`` -> written path.
         **kwargs: BaseRunner arguments (``output_dir``, ``batch_size``, ...).
+
+    The static hooks read these settings from the env, as ESPnet3's do: a provider
+    param of the same name (as ESPnet3's ``infer()`` passes them) wins over the option.
     """
 
     def __init__(
@@ -215,7 +218,7 @@ class InferenceRunner(BaseRunner):
         output_artifacts: Optional[Mapping[str, Mapping[str, Any]]] = None,
         **kwargs: Any,
     ):
-        """Keep the output/input key settings."""
+        """Keep the settings and check them (``output_fn`` importable, artifact writers, ``input_key`` given)."""
         super().__init__(provider, **kwargs)
         if not isinstance(idx_key, str) or not idx_key:
             raise ContractError(f"idx_key must be a non-empty string, got {idx_key!r}")
@@ -226,42 +229,12 @@ class InferenceRunner(BaseRunner):
         self.input_key = input_key
         self.output_fn = output_fn
         self.model_kwargs = dict(model_kwargs or {})
-        self.output_artifacts = output_artifacts or None  # checked (and writers imported) by validate()
-
-    def runner_kwargs(self) -> Dict[str, Any]:
-        """Output/input settings, recorded in the plan."""
-        return {
-            "idx_key": self.idx_key,
-            "output_keys": self.output_keys,
-            "input_key": self.input_key,
-            "output_fn": self.output_fn,
-            "model_kwargs": self.model_kwargs,
-            "output_artifacts": self.output_artifacts,
-        }
-
-    def runtime_env(self, env: Dict[str, Any]) -> Dict[str, Any]:
-        """Expose the settings to the static hooks (provider params win)."""
-        env = super().runtime_env(env)
-        env.setdefault("idx_key", self.idx_key)
-        env.setdefault("output_keys", self.output_keys)
-        if self.input_key is not None:
-            env.setdefault("input_key", self.input_key)
-        if self.output_fn is not None:
-            env.setdefault("output_fn_path", self.output_fn)
-        if self.model_kwargs:
-            env.setdefault("model_kwargs", self.model_kwargs)
-        if self.output_artifacts:
-            env.setdefault("output_artifacts", self.output_artifacts)
-        return env
-
-    def validate(self) -> None:
-        """Also resolve ``output_fn`` and artifact writers, and require ``input_key`` for the default forward."""
-        super().validate()
-        if self.output_fn is not None and not callable(import_object(self.output_fn, "output_fn")):
-            raise ContractError(f"output_fn {self.output_fn!r} is not callable")
-        resolve_artifact_configs(self.output_artifacts)
-        params = getattr(self.provider, "params", None) or {}
-        if type(self).forward is InferenceRunner.forward and self.input_key is None and "input_key" not in params:
+        self.output_artifacts = output_artifacts or None
+        if output_fn is not None and not callable(import_object(output_fn, "output_fn")):
+            raise ContractError(f"output_fn {output_fn!r} is not callable")
+        resolve_artifact_configs(output_artifacts)
+        params = getattr(provider, "params", None) or {}
+        if type(self).forward is InferenceRunner.forward and input_key is None and "input_key" not in params:
             raise ContractError(
                 f"{type(self).__name__} needs input_key (runner_kwargs or provider params): the dataset item "
                 "key(s) fed to the model"
