@@ -112,27 +112,55 @@ def inference_provider_config():
     return {"n_items": N_ITEMS, "seed": 3, "scale": 2.5}
 
 
-def espnet3_inference(out_dir, batch_size):
-    """ESPnet3's InferenceRunner over the inference toy, constructed as ESPnet3's ``infer()`` constructs it.
+#: What ESPnet3's ``infer()`` handed the provider, per call of :func:`recording_provider`.
+INFER_PARAMS = []
 
-    (``espnet3/systems/base/inference.py``: the provider gets ``params`` with
-    ``input_key``/``idx_key``/``output_keys``/``output_fn_path``/``output_artifacts``; the
-    runner gets ``idx_key``, ``hyp_key=[]``, ``ref_key=[]``, ``batch_size`` and
-    ``output_dir=<inference_dir>/<test_name>``; ``runner(list(range(len(dataset))))``
-    must return ``True``.)
+
+def recording_provider(inference_config, params=None):
+    """``provider._target_`` of the reference run: the user's own factory, with ``params`` recorded."""
+    from espnet3_user.inference import from_inference_config
+
+    INFER_PARAMS.append(params)
+    return from_inference_config(inference_config, params=params)
+
+
+def espnet3_inference(out_dir, batch_size):
+    """ESPnet3's own ``infer()`` entrypoint over the inference toy, in-process (no parallel config set).
+
+    ``infer()`` builds the provider's params (``input_key``, ``idx_key``, ``output_keys``,
+    ``output_fn_path``, ``output_artifacts``) and constructs ``InferenceRunner(provider,
+    idx_key=, hyp_key=[], ref_key=[], batch_size=, output_dir=<inference_dir>/<test>)``; the
+    params it passed are checked to be the ones our config gives (:func:`inference_params`).
+    Returns the test set's output directory.
     """
     from omegaconf import OmegaConf
 
-    from espnet3.systems.base.inference_runner import InferenceRunner
-    from espnet3_user.inference import ToyInferenceProvider
+    from espnet3.systems.base.inference import infer
+    from espnet3_user.inference import OUTPUT_FN
 
-    no_parallel_config()
     params = inference_params()
-    provider = ToyInferenceProvider(OmegaConf.create(inference_provider_config()), params=params)
-    runner = InferenceRunner(provider, idx_key=params["idx_key"], hyp_key=[], ref_key=[], batch_size=batch_size,
-                             output_dir=Path(out_dir))  # fmt: skip
-    assert runner(list(range(len(provider.build_dataset(provider.config))))) is True
-    return Path(out_dir)
+    config = OmegaConf.create({
+        **inference_provider_config(),
+        "inference_dir": str(out_dir),
+        "dataset": {"test": [{"name": "test"}]},
+        "input_key": params["input_key"],
+        "idx_key": params["idx_key"],
+        "output_fn": OUTPUT_FN,
+        "batch_size": batch_size,
+        "provider": {"_target_": f"{__name__}.recording_provider"},
+        "runner": {"_target_": ESPNET3_INFERENCE_RUNNER},
+    })  # fmt: skip
+    INFER_PARAMS.clear()
+    no_parallel_config()
+    with pytest.MonkeyPatch.context() as mp:
+        # infer() sets a parallel config when it has none (a 1-worker local Dask cluster, which
+        # runs the same _run_one_shard over the same single shard); without it ESPnet3 runs that
+        # shard in-process, and no Dask is needed.
+        mp.setattr("espnet3.systems.base.inference.set_parallel", lambda config: None)
+        infer(config)
+    no_parallel_config()
+    assert INFER_PARAMS == [params], "the params in our config must be those ESPnet3's infer() passes"
+    return Path(out_dir) / "test"
 
 
 def inference_job(runner, provider, name, batch_size):

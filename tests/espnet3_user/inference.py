@@ -35,3 +35,12 @@ class ToyInferenceProvider(InferenceProvider):
     def build_model(config):
         return ScoreModel(float(config.get("scale", 1.0)))
 
+
+
+def from_inference_config(inference_config, params=None):
+    """The provider as ESPnet3's ``infer()`` instantiates it (``provider._target_`` of an inference config).
+
+    ``infer()`` calls ``instantiate(config.provider, inference_config=config, params=...)``;
+    this provider reads ``n_items`` / ``seed`` / ``scale`` from that config.
+    """
+    return ToyInferenceProvider(inference_config, params=params)
