@@ -4,9 +4,10 @@ Each test runs the same user code (``tests/espnet3_user``) over the same items t
 once under ESPnet3 itself, in-process (``runner(list(range(n)))`` with no parallel
 config: ESPnet3 runs its shards locally), and once through espnet3-rules (the
 Snakemake workflow with ``--cores 2`` over several shards, or the Python API), and
-compares the merged outputs byte for byte. The espnet3-rules variant of the user
-code is made mechanically from the same source file, with only its import lines
-switched (``espnet3_user.write_switched``).
+compares the merged outputs byte for byte (array artifacts: by their arrays, as
+their paths name each run's own shard directories). The espnet3-rules variant of
+the user code is made mechanically from the same source file, with only its import
+lines switched (``espnet3_user.write_switched``).
 
 The tests are skipped when the wheel cannot be downloaded (no network), unless ``CI`` is set.
 """
@@ -30,6 +31,7 @@ RULES_WORDS = "rules_words"  # the same source, import lines switched (written b
 RULES_INFERENCE = "rules_inference"
 ESPNET3_INFERENCE_RUNNER = "espnet3.systems.base.inference_runner.InferenceRunner"
 RULES_INFERENCE_RUNNER = "espnet3_rules.systems.base.inference_runner.InferenceRunner"
+TOY_PROVIDER = "espnet3_user.inference.ToyInferenceProvider"  # an ESPnet3 InferenceProvider subclass
 #: The scalar fields of the inference toy (byte-compared); ``vec`` is an array field written as artifacts.
 SCALAR_FIELDS = ("hyp", "n_words", "score")
 
@@ -64,25 +66,31 @@ def no_parallel_config():
     assert get_parallel_config() is None, "a parallel config is set: ESPnet3 would not run in-process"
 
 
+def base_modules(module):
+    """The modules defining the classes ``module``'s WordsRunner and WordsProvider derive from."""
+    user = importlib.import_module(module)
+    return {c.__module__ for c in user.WordsRunner.__mro__[1:] + user.WordsProvider.__mro__[1:]} - {"abc", "builtins"}
+
+
 def words_config(n_items=N_ITEMS, **extra):
     return {"n_items": n_items, **extra}
 
 
 def run_words_in_process(module, out_dir, provider_config, batch_size=None, shard_subdir="", **runner_kwargs):
-    """Run ``module``'s WordsProvider/WordsRunner in-process; (merge's return value, runner)."""
+    """Run ``module``'s WordsProvider/WordsRunner in-process; merge's return value."""
     from omegaconf import OmegaConf
 
     user = importlib.import_module(module)
     provider = user.WordsProvider(OmegaConf.create(provider_config))
     runner = user.WordsRunner(provider, batch_size=batch_size, output_dir=out_dir, shard_subdir=shard_subdir,
                               **runner_kwargs)  # fmt: skip
-    return runner(list(range(int(provider_config["n_items"])))), runner
+    return runner(list(range(int(provider_config["n_items"]))))
 
 
 def espnet3_words(out_dir, provider_config, batch_size=None, suffix=""):
     """ESPnet3's merged ``hyp<suffix>.scp`` bytes (and merge's return) for the WordsRunner job."""
     no_parallel_config()
-    result, _ = run_words_in_process(WORDS, out_dir, provider_config, batch_size, "ref", suffix=suffix)
+    result = run_words_in_process(WORDS, out_dir, provider_config, batch_size, "ref", suffix=suffix)
     return (Path(out_dir) / "ref" / f"hyp{suffix}.scp").read_bytes(), result
 
 
@@ -102,7 +110,6 @@ def words_job(module, name, provider_config, batch_size=None, n_shards=N_SHARDS,
 
 
 def inference_params():
-    from espnet3_user.data import format_output  # noqa: F401  (the output_fn must import without ESPnet3)
     from espnet3_user.inference import inference_params as params
 
     return params()
@@ -212,6 +219,11 @@ def done_mtimes(root: Path):
 def test_words_runner_under_snakemake_matches_espnet3_in_process(module, wf, shard_pythonpath, tmp_path):
     """The user classes named in our config (ESPnet3's own, or the import-switched copy), run by
     ``snakemake --cores 2`` over 4 shards: merged outputs byte-identical to ESPnet3's in-process run."""
+    expected_bases = {
+        WORDS: {"espnet3.parallel.base_runner", "espnet3.parallel.env_provider"},
+        RULES_WORDS: {"espnet3_rules.parallel.base_runner", "espnet3_rules.parallel.env_provider"},
+    }[module]
+    assert base_modules(module) == expected_bases
     configs = {
         "batched": (words_config(joiner="_"), 3),
         "single": (words_config(seed=5), None),
@@ -233,12 +245,11 @@ def test_switched_imports_python_api_matches_espnet3(batch_size, switched_dir, t
     merged bytes and the same ``merge`` return value as ESPnet3."""
     from espnet3_rules.parallel.base_runner import BaseRunner as RulesBaseRunner
 
-    user = importlib.import_module(RULES_WORDS)
-    assert issubclass(user.WordsRunner, RulesBaseRunner)
-    assert not any(c.__module__.split(".")[0] == "espnet3" for c in user.WordsRunner.__mro__ + user.WordsProvider.__mro__)
+    assert issubclass(importlib.import_module(RULES_WORDS).WordsRunner, RulesBaseRunner)
+    assert not any(m.split(".")[0] == "espnet3" for m in base_modules(RULES_WORDS))
     cfg = words_config(joiner="+")
     ref, ref_result = espnet3_words(tmp_path / "espnet3", cfg, batch_size, suffix=".api")
-    result, _ = run_words_in_process(RULES_WORDS, tmp_path / "ours", cfg, batch_size, "ref", suffix=".api")
+    result = run_words_in_process(RULES_WORDS, tmp_path / "ours", cfg, batch_size, "ref", suffix=".api")
     assert (tmp_path / "ours" / "ref" / "hyp.api.scp").read_bytes() == ref
     assert result == ref_result
 
@@ -248,9 +259,9 @@ def test_espnet3_inference_runner_under_snakemake_matches_espnet3(wf, shard_pyth
     the params/runner arguments ESPnet3's ``infer()`` gives them, sharded under Snakemake: the merged
     ``<field>.scp`` files equal ESPnet3's in-process output (artifact paths point into our shards)."""
     wf.write_config({
-        "batched": inference_job(ESPNET3_INFERENCE_RUNNER, "espnet3_user.inference.ToyInferenceProvider", "batched", 5),
-        "single": inference_job(ESPNET3_INFERENCE_RUNNER, "espnet3_user.inference.ToyInferenceProvider", "single", None),
-    })  # fmt: skip
+        "batched": inference_job(ESPNET3_INFERENCE_RUNNER, TOY_PROVIDER, "batched", 5),
+        "single": inference_job(ESPNET3_INFERENCE_RUNNER, TOY_PROVIDER, "single", None),
+    })
     wf.snakemake("--cores", "2")
     for name, batch in (("batched", 5), ("single", None)):
         ref = espnet3_inference(tmp_path / f"espnet3-{name}", batch)
