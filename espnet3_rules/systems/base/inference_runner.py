@@ -233,8 +233,9 @@ class InferenceRunner(BaseRunner):
         if output_fn is not None and not callable(import_object(output_fn, "output_fn")):
             raise ContractError(f"output_fn {output_fn!r} is not callable")
         resolve_artifact_configs(output_artifacts)
-        params = getattr(provider, "params", None) or {}
-        if type(self).forward is InferenceRunner.forward and input_key is None and "input_key" not in params:
+        params = getattr(provider, "params", None)  # an InferenceProvider's env is exactly dataset, model, params
+        default_forward = type(self).forward is InferenceRunner.forward
+        if isinstance(params, Mapping) and default_forward and input_key is None and "input_key" not in params:
             raise ContractError(
                 f"{type(self).__name__} needs input_key (runner_kwargs or provider params): the dataset item "
                 "key(s) fed to the model"
