@@ -35,6 +35,7 @@ from espnet3_rules.systems.base.artifacts import (
     write_prepared,
 )
 from espnet3_rules.engine.files import atomic_path, concatenate_to_temp
+from espnet3_rules.engine.job import shard_root
 from espnet3_rules.parallel.base_runner import BaseRunner
 from espnet3_rules.engine.contracts import ContractError, import_object
 
@@ -336,7 +337,7 @@ class InferenceRunner(BaseRunner):
         return {field: str(path) for field, path in out_paths.items()}
 
     def _root(self) -> Path:
-        return self.output_dir / self.shard_subdir if self.shard_subdir else self.output_dir
+        return shard_root(self.output_dir, self.shard_subdir)
 
 
 def read_field_keys(shard_dir: Path) -> List[str]:
