@@ -337,7 +337,8 @@ def bench_inshard(ws: Workspace) -> List[Row]:
     import rules_user as user
     from omegaconf import OmegaConf
 
-    from espnet3_rules.engine.plan import write_manifest
+    from espnet3_rules.engine.job import shard_env
+    from espnet3_rules.engine.plan import make_plan, write_manifest
     from espnet3_rules.engine.shard import build_worker_env, run_shard
 
     n = ws.sizes.inshard_items
@@ -346,13 +347,13 @@ def bench_inshard(ws: Workspace) -> List[Row]:
         what = "results kept in state" if keep_in_state else "one text line per item"
         root = ws.fresh_dir(f"inshard-{runner_cls.__name__}")
         runner = runner_cls(user.EchoProvider(OmegaConf.create({"n_items": n})), output_dir=root, shard_subdir="engine")
-        plan = runner.plan(range(n))
+        plan = make_plan(runner.job_spec(), range(n))
         write_manifest(plan)
         one_item = runner_cls(runner.provider, output_dir=root, shard_subdir="engine1")
-        one_plan = one_item.plan(range(1))
+        one_plan = make_plan(one_item.job_spec(), range(1))
         write_manifest(one_plan)
-        base_env = build_worker_env(runner)
-        env = runner.runtime_env(base_env)
+        base_env = build_worker_env(runner.provider)
+        env = shard_env(plan.job, base_env)
         items = plan.shards[0]
 
         def shard_time(shard_runner: Any, shard_plan: Any) -> Callable[[], float]:
@@ -361,7 +362,7 @@ def bench_inshard(ws: Workspace) -> List[Row]:
                     stderr, sys.stderr = sys.stderr, devnull  # tqdm writes here, as to a shard's log file
                     try:
                         start = time.perf_counter()
-                        run_shard(shard_runner, shard_plan, 0, base_env)
+                        run_shard(type(shard_runner), shard_plan, 0, base_env)
                         return time.perf_counter() - start
                     finally:
                         sys.stderr = stderr

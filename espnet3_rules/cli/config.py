@@ -13,7 +13,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Dict, Iterable, Iterator, List, Mapping
 
 from espnet3_rules.engine.contracts import ContractError
-from espnet3_rules.engine.job import JobSpec, check_classes, count_items_without_building
+from espnet3_rules.engine.job import (
+    JobSpec,
+    check_classes,
+    count_items_without_building,
+    provider_config,
+    runner_arguments,
+    runner_class,
+)
 from espnet3_rules.engine.plan import make_plan
 
 #: The config's JSON schema (package data; ``workflow/schemas/config.schema.yaml`` links to it).
@@ -184,11 +191,36 @@ def exit_on_contract_error() -> Iterator[None]:
         raise SystemExit(f"espnet3-rules: error: {exc}") from None
 
 
+class ProviderStandIn:
+    """Stands in for the provider when a runner is constructed at dry-run: the job's ``config``
+    and ``params``, and nothing built."""
+
+    def __init__(self, job: JobSpec):
+        """Hold the job's provider config (a ``DictConfig``) and params."""
+        self.config = provider_config(job)
+        self.params = dict(job.params)
+
+
+def check_runner_options(job: JobSpec) -> None:
+    """Construct the runner around a :class:`ProviderStandIn`, so that a runner that checks its
+    options in ``__init__`` (``InferenceRunner``: ``output_fn``, artifacts, ``input_key``) fails
+    at dry-run. Only its :class:`ContractError` counts: anything else the stand-in may cause is
+    left to the plan rule, which constructs the real provider."""
+    try:
+        runner_class(job)(ProviderStandIn(job), **runner_arguments(job))
+    except ContractError as exc:
+        raise ContractError(f"jobs.{job.name}: {exc}") from None
+    except Exception:  # noqa: BLE001 - see docstring
+        pass
+
+
 def describe_job(job: JobSpec) -> str:
-    """One dry-run line, from the classes alone: contract checks, then the shard plan where the
-    item count is known without building anything (``items:`` or a static ``build_dataset``)."""
+    """One dry-run line: contract checks that build nothing (classes, runner options), then the
+    shard plan where the item count is known without building anything (``items:`` or a static
+    ``build_dataset``)."""
     where = f"job {job.name} ({job.root.as_posix()})"
     check_classes(job)
+    check_runner_options(job)
     try:
         n_items = count_items_without_building(job)
     except OSError as exc:

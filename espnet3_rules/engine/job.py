@@ -28,6 +28,11 @@ from espnet3_rules.engine.contracts import (
 RESULT_FIELDS = ("runner", "provider", "provider_config", "params", "runner_kwargs", "batch_size")
 
 
+def shard_root(output_dir: Any, shard_subdir: str = "") -> Path:
+    """``output_dir/shard_subdir``: where a job's ``manifest.json``, ``split.N/`` and merged outputs live."""
+    return Path(output_dir) / shard_subdir if shard_subdir else Path(output_dir)
+
+
 @dataclass
 class JobSpec:
     """One sharded run: its manifest, its ``split.N`` shards and its merge.
@@ -66,8 +71,8 @@ class JobSpec:
 
     @property
     def root(self) -> Path:
-        """``output_dir/shard_subdir``: where ``manifest.json``, ``split.N/`` and the merged outputs live."""
-        return Path(self.output_dir) / self.shard_subdir if self.shard_subdir else Path(self.output_dir)
+        """See :func:`shard_root`."""
+        return shard_root(self.output_dir, self.shard_subdir)
 
     def result_fields(self) -> Dict[str, Any]:
         """What determines results besides the items (hashed into the fingerprint)."""

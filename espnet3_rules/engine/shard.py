@@ -108,8 +108,8 @@ def progress_chunks(
 ) -> Iterator[Sequence[Any]]:
     """Consecutive slices of ``items``; ``progress.update`` is called after each one is consumed.
 
-    Iterating the items through tqdm itself costs ~0.25 us per item, as much as a
-    trivial ``forward``. Slices start at one item (slow items still show progress
+    Iterating the items through tqdm itself costs as much per item as a trivial
+    ``forward``. Slices start at one item (slow items still show progress
     one by one) and double, up to ``max_size``, while one takes under ``seconds / 2``;
     they halve when one takes over ``seconds``.
     """

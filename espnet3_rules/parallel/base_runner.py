@@ -21,7 +21,7 @@ from espnet3_rules.engine.contracts import (
     env_kwargs,
 )
 from espnet3_rules.engine.files import concatenate_shard_files
-from espnet3_rules.engine.job import JobSpec, declared_env_keys
+from espnet3_rules.engine.job import JobSpec, declared_env_keys, shard_root
 from espnet3_rules.engine.merge import merge_plan, pending_shards
 from espnet3_rules.engine.plan import jsonable, make_plan, write_manifest
 from espnet3_rules.engine.shard import load_state, run_shard, standard_hook
@@ -191,8 +191,7 @@ class BaseRunner(ABC):
         Returns:
             ``{"shard_id", "shard_dir", "_writers", "records"}``.
         """
-        root = Path(output_dir) / shard_subdir if shard_subdir else Path(output_dir)
-        shard_dir = root / f"split.{shard_id}"
+        shard_dir = shard_root(output_dir, shard_subdir) / f"split.{shard_id}"
         shard_dir.mkdir(parents=True, exist_ok=True)
         hook_env = {"shard_id": shard_id, "output_dir": output_dir, "shard_subdir": shard_subdir, **env}
         writers = cls.open_writers(shard_dir, **env_kwargs(cls.open_writers, hook_env, 1))

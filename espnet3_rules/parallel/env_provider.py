@@ -32,11 +32,21 @@ class EnvironmentProvider(ABC):
 
     @abstractmethod
     def build_env_local(self) -> Dict[str, Any]:
-        """Build the environment once on the driver and return it."""
+        """Build the environment once on the driver (``runner(indices)`` in-process).
+
+        Returns:
+            The env: a dict of name -> object (e.g. ``{"dataset": ..., "model": ...}``).
+        """
         raise NotImplementedError
 
     def build_worker_setup_fn(self) -> Callable[[], Dict[str, Any]]:
         """Return a zero-argument function that builds the env inside a worker.
+
+        It runs once per shard process (one Snakemake job), so the heavy work
+        (loading a model) belongs inside it, not here.
+
+        Returns:
+            ``setup`` with ``setup()`` -> the env dict. Return the function, not the dict.
 
         Older ESPnet3 providers name this hook ``make_worker_setup_fn``; such a
         provider keeps working because this default delegates to it.

@@ -36,13 +36,28 @@ class InferenceProvider(EnvironmentProvider):
     @staticmethod
     @abstractmethod
     def build_dataset(config: Any) -> Any:
-        """Build the dataset (indexable, with ``len()``)."""
+        """Build the dataset.
+
+        Args:
+            config: The provider's config (``params`` merged in).
+
+        Returns:
+            An indexable dataset with ``len()``. Called alone (without the model)
+            to count items at ``snakemake -n`` and in the plan rule.
+        """
         raise NotImplementedError
 
     @staticmethod
     @abstractmethod
     def build_model(config: Any) -> Any:
-        """Build the model (load weights, move to device)."""
+        """Build the model (load weights, move to device).
+
+        Args:
+            config: The provider's config (``params`` merged in).
+
+        Returns:
+            The model, the env's ``model``.
+        """
         raise NotImplementedError
 
     def build_worker_setup_fn(self) -> Callable[[], Dict[str, Any]]:

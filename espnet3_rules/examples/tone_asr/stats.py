@@ -19,6 +19,7 @@ import numpy as np
 from espnet3_rules.parallel.base_runner import BaseRunner
 from espnet3_rules.engine.contracts import ContractError
 from espnet3_rules.engine.files import atomic_path
+from espnet3_rules.engine.job import shard_root
 
 STATS_NAME = "feats_stats.npz"
 
@@ -143,6 +144,5 @@ class CollectStatsRunner(BaseRunner):
             if not path.exists():
                 raise ContractError(f"{path} is missing; rerun that shard")
             total.merge(FeatureSums.load(path))
-        root = self.output_dir / self.shard_subdir if self.shard_subdir else self.output_dir
-        path = total.save(root / STATS_NAME, with_moments=True)
+        path = total.save(shard_root(self.output_dir, self.shard_subdir) / STATS_NAME, with_moments=True)
         return {"stats": str(path), "count": total.count, "dim": len(total.sum)}

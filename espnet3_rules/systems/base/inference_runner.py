@@ -35,6 +35,7 @@ from espnet3_rules.systems.base.artifacts import (
     write_prepared,
 )
 from espnet3_rules.engine.files import atomic_path, concatenate_to_temp
+from espnet3_rules.engine.job import shard_root
 from espnet3_rules.parallel.base_runner import BaseRunner
 from espnet3_rules.engine.contracts import ContractError, import_object
 
@@ -233,8 +234,9 @@ class InferenceRunner(BaseRunner):
         if output_fn is not None and not callable(import_object(output_fn, "output_fn")):
             raise ContractError(f"output_fn {output_fn!r} is not callable")
         resolve_artifact_configs(output_artifacts)
-        params = getattr(provider, "params", None) or {}
-        if type(self).forward is InferenceRunner.forward and input_key is None and "input_key" not in params:
+        params = getattr(provider, "params", None)  # an InferenceProvider's env is exactly dataset, model, params
+        default_forward = type(self).forward is InferenceRunner.forward
+        if isinstance(params, Mapping) and default_forward and input_key is None and "input_key" not in params:
             raise ContractError(
                 f"{type(self).__name__} needs input_key (runner_kwargs or provider params): the dataset item "
                 "key(s) fed to the model"
@@ -335,7 +337,7 @@ class InferenceRunner(BaseRunner):
         return {field: str(path) for field, path in out_paths.items()}
 
     def _root(self) -> Path:
-        return self.output_dir / self.shard_subdir if self.shard_subdir else self.output_dir
+        return shard_root(self.output_dir, self.shard_subdir)
 
 
 def read_field_keys(shard_dir: Path) -> List[str]:
