@@ -307,3 +307,35 @@ def test_runner_option_reaches_merge_and_change_reruns_only_that_job(wf, shard_p
     assert (results / "a" / "hyp.v2.scp").read_bytes() == ref_v2
     assert (results / "b" / "hyp.v1.scp").read_bytes() == ref_v1
     assert not (results / "b" / "hyp.v2.scp").exists()
+
+
+@pytest.mark.parametrize("ci", [False, True], ids=["local-skips", "ci-fails"])
+def test_unavailable_wheel_skips_locally_and_fails_under_ci(ci, tmp_path):
+    """When the wheel cannot be downloaded (here: pip without an index, empty cache), the tests using
+    ``espnet3_root`` are skipped with the reason, except under ``CI``, where they fail."""
+    import subprocess
+
+    tests_dir = Path(__file__).resolve().parent
+    cache = tmp_path / "empty-cache"
+    (tmp_path / "conftest.py").write_text(
+        "import espnet3_wheel\n"
+        f"espnet3_wheel.CACHE_DIR = __import__('pathlib').Path({str(cache)!r})\n"
+        "from espnet3_wheel import espnet3_root\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "test_uses_espnet3.py").write_text("def test_it(espnet3_root):\n    pass\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "CI"}
+    env.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path / "no-wheels"), PIP_CONFIG_FILE=os.devnull,
+               PYTHONPATH=os.pathsep.join([str(tests_dir), env.get("PYTHONPATH", "")]))  # fmt: skip
+    if ci:
+        env["CI"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    if ci:
+        assert proc.returncode == 1 and "1 error" in out, out
+        assert "CI is set" in out and "cannot download espnet==" in out, out
+    else:
+        assert proc.returncode == 0 and "1 skipped" in out, out
+        assert "reference ESPnet3 unavailable: cannot download espnet==" in out, out
+    assert not (cache / "espnet-202611").exists()
