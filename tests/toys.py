@@ -1,0 +1,452 @@
+"""Providers, runners and helpers of the unit-tier tests (one module; shard processes import it by name).
+
+Everything here is importable by name (``toys.X``), so shard and merge processes
+started through ``python -m espnet3_rules`` can rebuild the runner and provider of a
+manifest. Probes that must not change a plan's fingerprint (kill or fail at item k)
+are read from environment variables; probes that count work (``calls_file``,
+``log_dir``) append one line per event to a file.
+
+Names stay clear of the workflow-tier toys (``wf_toy``, ``inference_toy``): the
+utterance provider here is :class:`SampleProvider` (``wf_toy.WordsProvider`` is
+another one); :class:`SelfRunner` plays the same part as ``wf_toy.SelfRunner``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import yaml
+
+import espnet3_rules
+from espnet3_rules import BaseRunner, EnvironmentProvider, InferenceProvider
+from espnet3_rules.engine.plan import ShardPlan, make_plan
+from espnet3_rules.engine.shard import load_state
+
+TESTS = Path(__file__).resolve().parent
+#: The checkout whose ``espnet3_rules`` this test process imported; subprocesses use the same one.
+REPO = Path(espnet3_rules.__file__).resolve().parents[1]
+
+KILL_AT = "TOYS_KILL_AT"
+FAIL_AT = "TOYS_FAIL_AT"
+
+
+# ------------------------------------------------------------------ probes
+def maybe_die(idx: Any) -> None:
+    """SIGKILL this process at item ``$TOYS_KILL_AT``; raise at ``$TOYS_FAIL_AT``."""
+    if os.environ.get(KILL_AT) == str(idx):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(FAIL_AT) == str(idx):
+        raise RuntimeError(f"forward failed at item {idx}")
+
+
+def append_line(path: Any, text: Any) -> None:
+    """Append one line to ``path`` (an event log shared by processes)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{text}\n")
+
+
+def note_call(env: Mapping[str, Any], idx: Any) -> None:
+    """Record one ``forward`` call in ``env["calls_file"]`` when the env has one."""
+    if env.get("calls_file"):
+        append_line(env["calls_file"], idx)
+
+
+def read_lines(path: Any) -> List[str]:
+    """Lines of an event log (empty if it does not exist)."""
+    path = Path(path)
+    return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+
+
+def log_event(config: Any, event: str) -> None:
+    """Append ``event`` to ``<config.log_dir>/builds`` when the config names a log dir."""
+    log_dir = config.get("log_dir") if config is not None else None
+    if log_dir:
+        append_line(Path(log_dir) / "builds", event)
+
+
+# ------------------------------------------------------------------- data
+def words_dataset(n: int) -> List[Dict[str, str]]:
+    """``n`` utterances ``{"utt_id": "utt007", "word": "w7"}``."""
+    return [{"utt_id": f"utt{i:03d}", "word": f"w{i}"} for i in range(n)]
+
+
+def shout(sample: Mapping[str, Any]) -> str:
+    """The docs-style model: one sample in, its hypothesis text out."""
+    return sample["word"].upper()
+
+
+class Shouter:
+    """Model of CountingInferenceProvider: ``model(word=...)`` for a word, a list of words, or a sample dict."""
+
+    def __init__(self, suffix: str = ""):
+        self.suffix = suffix
+
+    def __call__(self, word: Any) -> Any:
+        if isinstance(word, list):
+            return [self(w) for w in word]
+        if isinstance(word, Mapping):
+            word = word["word"]
+        return word.upper() + self.suffix
+
+
+def to_record(data: Any, model_output: Any, idx: Any) -> Any:
+    """InferenceRunner ``output_fn``: result dict(s) with ``text`` and ``length`` fields."""
+    if isinstance(idx, list):
+        return [to_record(d, o, i) for d, o, i in zip(data, model_output, idx)]
+    maybe_die(idx)
+    return {"utt_id": data["utt_id"], "text": model_output, "length": len(model_output)}
+
+
+# -------------------------------------------------------------- providers
+def words_env(config: Any) -> Dict[str, Any]:
+    """``{"dataset", "model", **config.extra_env}``; logs one ``env`` build."""
+    log_event(config, "env")
+    env = {"dataset": words_dataset(int(config["n"])), "model": shout}
+    env.update(dict(config.get("extra_env") or {}))
+    return env
+
+
+class SampleProvider(EnvironmentProvider):
+    """A plain provider written like ESPnet3's docs (local and worker builds) over ``words_dataset(n)``.
+
+    Not ``wf_toy.WordsProvider`` (config ``n_items``/``poison_dir``, dataset of strings).
+    """
+
+    def build_env_local(self):
+        return words_env(self.config)
+
+    def build_worker_setup_fn(self):
+        config = self.config
+
+        def setup():
+            return words_env(config)
+
+        return setup
+
+
+class OtherSampleProvider(SampleProvider):
+    """Same env as SampleProvider, another class (its import path is part of the plan)."""
+
+
+class LegacyProvider(EnvironmentProvider):
+    """An older ESPnet3 provider: worker setup through ``make_worker_setup_fn``."""
+
+    def build_env_local(self):
+        return words_env(self.config)
+
+    def make_worker_setup_fn(self):
+        config = self.config
+
+        def setup():
+            log_event(config, "legacy-setup")
+            return words_env(config)
+
+        return setup
+
+
+class LocalOnlyProvider(EnvironmentProvider):
+    """Implements only ``build_env_local``: fine in-process, unusable by shard processes."""
+
+    def build_env_local(self):
+        return words_env(self.config)
+
+
+class DictSetupProvider(SampleProvider):
+    """Common mistake: ``build_worker_setup_fn`` returns the env instead of a setup function
+    (a fixed env: works with any provider config)."""
+
+    def build_worker_setup_fn(self):
+        return {"dataset": [], "model": None}
+
+
+class ArgSetupProvider(SampleProvider):
+    """Mistake: the setup function takes an argument."""
+
+    def build_worker_setup_fn(self):
+        def setup(config):
+            return words_env(config)
+
+        return setup
+
+
+class IterProvider(SampleProvider):
+    """Local env whose dataset is an iterator (no ``len()``)."""
+
+    def build_env_local(self):
+        env = words_env(self.config)
+        env["dataset"] = iter(env["dataset"])
+        return env
+
+
+class RenamedProvider(EnvironmentProvider):
+    """Common mistake from the docs: env keys ``ds``/``net`` while forward wants ``dataset``/``model``
+    (``n`` samples, default 2: works with any provider config)."""
+
+    def build_env_local(self):
+        return {"ds": words_dataset(int(self.config.get("n", 2))), "net": shout}
+
+    def build_worker_setup_fn(self):
+        return self.build_env_local
+
+
+class DeclaredRenamedProvider(RenamedProvider):
+    """RenamedProvider that declares its env keys, so the plan step can check them."""
+
+    @classmethod
+    def declared_env_keys(cls, params):
+        return {"ds", "net"}
+
+
+class CountingInferenceProvider(InferenceProvider):
+    """InferenceProvider over ``words_dataset``; logs every dataset/model build to ``config.log_dir``."""
+
+    @staticmethod
+    def build_dataset(config):
+        log_event(config, "dataset")
+        return words_dataset(int(config["n"]))
+
+    @staticmethod
+    def build_model(config):
+        log_event(config, "model")
+        return Shouter(config.get("suffix", ""))
+
+
+class OtherInferenceProvider(CountingInferenceProvider):
+    """Same env as CountingInferenceProvider, another class."""
+
+
+# ---------------------------------------------------------------- runners
+class MyTextRunner(BaseRunner):
+    """The file-writing runner of ESPnet3's "Provider and Runner" page, as written there."""
+
+    @staticmethod
+    def forward(idx, dataset, model, **env):
+        sample = dataset[idx]
+        hyp = model(sample)
+        return {"utt_id": sample["utt_id"], "text": hyp}
+
+    @staticmethod
+    def open_writers(shard_dir: Path, **env):
+        return {
+            "text": (shard_dir / "text").open("w", encoding="utf-8"),
+        }
+
+    @staticmethod
+    def write_record(writers, result, state, **env):
+        writers["text"].write(f'{result["utt_id"]} {result["text"]}\n')
+
+    @staticmethod
+    def close_writers(writers):
+        for handle in writers.values():
+            handle.close()
+        return None
+
+    def merge(self, shard_dirs):
+        out_dir = self.output_dir / self.shard_subdir if self.shard_subdir else self.output_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with (out_dir / "text").open("w", encoding="utf-8") as out_f:
+            for shard_dir in sorted(shard_dirs):
+                shard_path = shard_dir / "text"
+                if not shard_path.exists():
+                    continue
+                out_f.write(shard_path.read_text(encoding="utf-8"))
+        return {}
+
+
+class ProbeTextRunner(MyTextRunner):
+    """MyTextRunner that counts calls, can die at item k, and flushes each line (partial output is visible)."""
+
+    @staticmethod
+    def forward(idx, dataset, model, **env):
+        maybe_die(idx)
+        note_call(env, idx)
+        return MyTextRunner.forward(idx, dataset, model, **env)
+
+    @staticmethod
+    def write_record(writers, result, state, **env):
+        MyTextRunner.write_record(writers, result, state, **env)
+        writers["text"].flush()
+
+
+class StateCloseRunner(MyTextRunner):
+    """Writer hooks taking env by name; ``close_writers(writers, state, **env)`` returns shard metadata."""
+
+    @staticmethod
+    def open_writers(shard_dir: Path, shard_id, prefix="", **env):
+        return {"text": (shard_dir / f"{prefix}text").open("w", encoding="utf-8")}
+
+    @staticmethod
+    def write_record(writers, result, state, shard_id, **env):
+        writers["text"].write(f'{result["utt_id"]} {result["text"]} shard={shard_id}\n')
+        state["n_written"] = state.get("n_written", 0) + 1
+
+    @staticmethod
+    def close_writers(writers, state, shard_id, prefix="", **env):
+        for handle in writers.values():
+            handle.close()
+        return {"closed": {"shard_id": shard_id, "n_written": state["n_written"], "prefix": prefix}}
+
+
+class CollectRunner(BaseRunner):
+    """State-accumulating runner (no writer hooks, default merge)."""
+
+    @staticmethod
+    def forward(idx, dataset, model, **env):
+        maybe_die(idx)
+        note_call(env, idx)
+        return {"idx": idx, "utt_id": dataset[idx]["utt_id"], "score": float(len(model(dataset[idx])))}
+
+
+class ShardOrderRunner(CollectRunner):
+    """merge returns the names of the shard directories it was given."""
+
+    def merge(self, shard_dirs):
+        return [Path(d).name for d in shard_dirs]
+
+
+class OtherCollectRunner(CollectRunner):
+    """Same forward as CollectRunner, another class."""
+
+
+class ClassForwardRunner(CollectRunner):
+    """``forward`` as a @classmethod (ESPnet3 202611 allows it): it reaches a class attribute."""
+
+    tag = "cls"
+
+    @classmethod
+    def forward(cls, idx, dataset, model, **env):
+        note_call(env, idx)
+        return {"idx": idx, "by": cls.__name__, "tag": cls.tag, "hyp": model(dataset[idx])}
+
+
+class BeamRunner(BaseRunner):
+    """A runner with its own constructor option ``beam``: forward gets it from the env, merge from ``self``.
+
+    ``forward`` logs ``<idx> beam=<beam>`` to ``calls_file``; ``merge`` writes ``<root>/merged``
+    (one line per record, then ``merge beam=<beam>``) and returns the records and its beam.
+    """
+
+    def __init__(self, provider, beam=1, **kwargs):
+        super().__init__(provider, **kwargs)
+        self.beam = beam
+
+    @staticmethod
+    def forward(idx, dataset, model, beam=1, **env):
+        note_call(env, f"{idx} beam={beam}")
+        return {"idx": idx, "beam": beam, "hyp": model(dataset[idx]) * beam}
+
+    def merge(self, shard_dirs):
+        records = super().merge(shard_dirs)
+        root = self.output_dir / self.shard_subdir if self.shard_subdir else self.output_dir
+        lines = [f"{r['idx']} beam={r['beam']} {r['hyp']}" for r in records] + [f"merge beam={self.beam}"]
+        (root / "merged").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        return {"records": records, "merge_beam": self.beam}
+
+
+class BatchRunner(BaseRunner):
+    """Batch-aware forward as in the docs: one index, or a list of indices when batch_size is set."""
+
+    @staticmethod
+    def forward(idx, dataset, model, **env):
+        note_call(env, idx)
+        if isinstance(idx, int):
+            return {"kind": "one", "idx": idx, "hyp": model(dataset[idx])}
+        return {"kind": type(idx).__name__, "idx": list(idx), "hyp": [model(dataset[i]) for i in idx]}
+
+
+class ExplicitRunner(BaseRunner):
+    """forward without ``**env``: only the names it declares may be passed."""
+
+    @staticmethod
+    def forward(idx, dataset, model, device):
+        return [idx, device, model(dataset[idx])]
+
+
+class KeywordOnlyRunner(BaseRunner):
+    """Older ESPnet3 style ``forward(idx, *, dataset, model)``, plus a defaulted parameter no env gives."""
+
+    @staticmethod
+    def forward(idx, *, dataset, model, beam=1):
+        return [idx, beam, model(dataset[idx])]
+
+
+class EnvKeysRunner(BaseRunner):
+    """Returns the names it received through ``**env``."""
+
+    @staticmethod
+    def forward(idx, dataset, model, **env):
+        return sorted(env)
+
+
+class NeedsDeviceRunner(BaseRunner):
+    """forward that needs a ``device`` env key."""
+
+    @staticmethod
+    def forward(idx, dataset, model, device, **env):
+        return [idx, device]
+
+
+class SelfRunner(BaseRunner):
+    """Common mistake from the docs: forward capturing self (the part ``wf_toy.SelfRunner`` plays there)."""
+
+    def forward(self, idx, dataset, model, **env):  # deliberately not a staticmethod
+        return model(dataset[idx])
+
+
+class UnpicklableRunner(BaseRunner):
+    """Default state runner whose results cannot be pickled into ``_state.pkl``."""
+
+    @staticmethod
+    def forward(idx, dataset, model, **env):
+        return lambda: idx
+
+
+# ---------------------------------------------------------------- helpers
+def plan_of(runner: BaseRunner, indices: Any) -> ShardPlan:
+    """The plan ``runner(indices)`` makes (without running or writing anything)."""
+    return make_plan(runner.job_spec(), list(indices))
+
+
+def state_of(shard_dir: Any) -> Dict[str, Any]:
+    """The saved state of a finished shard."""
+    return load_state(Path(shard_dir))
+
+
+def cli(
+    *args: Any, env: Optional[Mapping[str, str]] = None, path: Sequence[Any] = (), check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run ``python -m espnet3_rules *args`` with this checkout, the toys and ``path`` importable."""
+    proc_env = dict(os.environ)
+    proc_env.pop(KILL_AT, None)
+    proc_env.pop(FAIL_AT, None)
+    proc_env.update(env or {})
+    proc_env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), *map(str, path)])
+    proc = subprocess.run(
+        [sys.executable, "-m", "espnet3_rules", *map(str, args)], capture_output=True, text=True, env=proc_env
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def write_config(path: Path, **job: Any) -> Path:
+    """Write a YAML config with one job ``j`` and return its path."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump({"jobs": {"j": job}}), encoding="utf-8")
+    return path
+
+
+def snapshot(directory: Path) -> Dict[str, bytes]:
+    """Every file under ``directory`` (relative path -> bytes)."""
+    directory = Path(directory)
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def expected_text(indices: Any) -> str:
+    """What MyTextRunner writes for ``indices``."""
+    return "".join(f"utt{i:03d} W{i}\n" for i in indices)
