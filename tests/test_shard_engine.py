@@ -7,19 +7,19 @@ import shutil
 
 import pytest
 
-import core_fixtures as fx
+import toys as fx
 from espnet3_rules import ContractError
 from espnet3_rules.engine.merge import completed_shard_dirs, merge_plan, pending_shards
-from espnet3_rules.engine.shard import build_local_env, run_shard
+from espnet3_rules.engine.shard import run_shard
 
 # Items 0..8 in 3 shards: split.1 holds items 3, 4, 5; the kill happens at item 5.
 KILLED_SHARD, KILL_AT = 1, 5
 JOBS = {
-    "docs text runner": dict(runner="core_fixtures.ProbeTextRunner", provider="core_fixtures.WordsProvider",
+    "docs text runner": dict(runner="toys.ProbeTextRunner", provider="toys.SampleProvider",
                              provider_config={"n": 9}),
-    "inference runner": dict(runner="espnet3_rules.InferenceRunner", provider="core_fixtures.CountingInferenceProvider",
+    "inference runner": dict(runner="espnet3_rules.InferenceRunner", provider="toys.CountingInferenceProvider",
                              provider_config={"n": 9},
-                             runner_kwargs={"input_key": "word", "output_fn": "core_fixtures.to_record"}),
+                             runner_kwargs={"input_key": "word", "output_fn": "toys.to_record"}),
 }
 
 
@@ -58,7 +58,7 @@ def test_killed_shard_leaves_no_done_and_rerun_is_byte_identical(tmp_path, job):
 
 
 def test_forward_error_leaves_no_done_and_removes_an_old_one(tmp_path, monkeypatch):
-    runner = fx.ProbeTextRunner(fx.WordsProvider({"n": 6}), output_dir=tmp_path, n_shards=2)
+    runner = fx.ProbeTextRunner(fx.SampleProvider({"n": 6}), output_dir=tmp_path, n_shards=2)
     runner(range(6))
     monkeypatch.setenv(fx.FAIL_AT, "4")
     assert runner(range(6)) == {}, "resume: every shard is done, nothing runs"
@@ -70,9 +70,10 @@ def test_forward_error_leaves_no_done_and_removes_an_old_one(tmp_path, monkeypat
 
 
 def test_unpicklable_shard_state_is_a_contract_error_and_no_done(tmp_path):
-    runner = fx.UnpicklableRunner(fx.WordsProvider({"n": 2}), output_dir=tmp_path)
-    with pytest.raises(ContractError, match=r"shard state of .*split\.0 cannot be pickled"):
+    runner = fx.UnpicklableRunner(fx.SampleProvider({"n": 2}), output_dir=tmp_path)
+    with pytest.raises(ContractError, match=r"shard state of .*split\.0 cannot be pickled") as info:
         runner(range(2))
+    assert info.value.__notes__ == [f"{tmp_path / 'split.0'} (save_state)"]
     assert sorted(p.name for p in (tmp_path / "split.0").iterdir()) == []
 
 
@@ -109,7 +110,7 @@ def test_resume_skips_done_shards_of_the_same_plan_only(tmp_path):
 def test_done_is_json_holding_the_plan_fingerprint(tmp_path):
     runner = counting_runner(tmp_path)
     runner(range(6))
-    plan = runner.plan(range(6))
+    plan = fx.plan_of(runner, range(6))
     for shard_id in range(3):
         done = json.loads((plan.shard_dir(shard_id) / "done").read_text())
         assert (done["fingerprint"], done["shard_id"], done["n_items"]) == (plan.fingerprint, shard_id, 2)
@@ -130,7 +131,7 @@ def test_done_from_an_older_plan_is_not_counted(tmp_path, runner_cls, change, ex
     counting_runner(tmp_path, runner_cls=runner_cls)(range(6))
     runner = counting_runner(tmp_path, runner_cls=runner_cls, **change)
     indices = range(runner.provider.config["n"])
-    plan = runner.plan(indices)
+    plan = fx.plan_of(runner, indices)
     assert pending_shards(plan) == list(range(plan.n_shards))
     with pytest.raises(ContractError, match=r"stale \(done from another plan\)"):
         completed_shard_dirs(plan)
@@ -143,8 +144,8 @@ def test_done_from_an_older_plan_is_not_counted(tmp_path, runner_cls, change, ex
 def test_merge_lists_missing_and_stale_shards(tmp_path):
     counting_runner(tmp_path, n_shards=3)(range(6))
     runner = counting_runner(tmp_path, n_shards=3, params={"suffix": "!"})
-    plan = runner.plan(range(6))
-    run_shard(runner, plan, 0, build_local_env(runner))
+    plan = fx.plan_of(runner, range(6))
+    run_shard(type(runner), plan, 0, runner.provider.build_env_local())
     (plan.shard_dir(2) / "done").unlink()
     with pytest.raises(ContractError) as info:
         merge_plan(runner, plan)
@@ -158,6 +159,6 @@ def test_merge_lists_missing_and_stale_shards(tmp_path):
 def test_mismatched_env_names_of_an_undeclared_provider_stop_the_shard_before_it_writes(tmp_path):
     runner = fx.MyTextRunner(fx.RenamedProvider({"n": 2}), output_dir=tmp_path)
     with pytest.raises(ContractError, match=r"^MyTextRunner\.forward needs 'dataset', 'model' but RenamedProvider's "
-                                            r"env provides \['ds', 'net', 'output_dir', 'shard_subdir'\]"):
+                                            r"env provides \['ds', 'net', 'output_dir'\]"):
         runner(range(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
