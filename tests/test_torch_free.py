@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-import core_fixtures as fx
+import toys as fx
 
 BLOCKER = '''\
 import sys
@@ -37,7 +37,7 @@ except ImportError:
 import espnet3_rules
 from espnet3_rules import InferenceRunner
 from espnet3_rules.cli.main import main
-import core_fixtures as fx
+import toys as fx
 
 modules = sorted(
     m.name for m in pkgutil.walk_packages(espnet3_rules.__path__, "espnet3_rules.")
@@ -47,9 +47,9 @@ for name in modules:
     importlib.import_module(name)
 
 out = sys.argv[1]
-text = fx.MyTextRunner(fx.WordsProvider({"n": 4}), output_dir=out, shard_subdir="text", n_shards=2)(range(4))
+text = fx.MyTextRunner(fx.SampleProvider({"n": 4}), output_dir=out, shard_subdir="text", n_shards=2)(range(4))
 scp = InferenceRunner(fx.CountingInferenceProvider({"n": 3}), output_dir=out, shard_subdir="scp", n_shards=2,
-                      input_key="word", output_fn="core_fixtures.to_record")(range(3))
+                      input_key="word", output_fn="toys.to_record")(range(3))
 status = main(["status", "--manifest", f"{out}/scp/manifest.json"])
 print(json.dumps({"blocked": blocked, "modules": modules, "text": text, "scp": scp, "status": status,
                   "torch_loaded": any(m == "torch" or m.startswith("torch.") for m in sys.modules)}))
