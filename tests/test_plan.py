@@ -11,7 +11,15 @@ from omegaconf import OmegaConf
 import toys as fx
 from espnet3_rules import ContractError, InferenceRunner
 from espnet3_rules.engine.job import JobSpec
-from espnet3_rules.engine.plan import ShardPlan, make_plan, read_manifest, split_contiguous, write_manifest
+from espnet3_rules.engine.plan import (
+    ShardPlan,
+    decode_items,
+    encode_items,
+    make_plan,
+    read_manifest,
+    split_contiguous,
+    write_manifest,
+)
 
 
 def job(output_dir="out", n_shards=1, batch_size=None, **fields):
@@ -81,6 +89,17 @@ def test_manifest_encodes_batches_as_ranges(tmp_path):
 def test_large_plans_stay_small():
     manifest = json.dumps(make_plan(job(n_shards=8), range(200_000)).to_manifest())
     assert len(manifest) < 2_000
+
+
+@pytest.mark.parametrize(
+    "items",
+    [list(range(5, 12)), [[0, 1, 2], [3, 4, 5], [6]], ["a", "b"], [3, 1, 2], [[0, 1], [2]], [[0], [1, 2]],
+     [[0, 1], [2, 3], [4, 5, 6]], [[2, 3], [0, 1]]],
+    ids=["range", "batches", "strings", "unordered", "short last batch", "short first batch", "long last batch",
+         "batches out of order"],
+)
+def test_items_encoding_round_trips_any_shard_shape(items):
+    assert decode_items(json.loads(json.dumps(encode_items(items)))) == items
 
 
 ITEM_LISTS = {

@@ -151,6 +151,8 @@ def test_merge_lists_missing_and_stale_shards(tmp_path):
         merge_plan(runner, plan)
     assert str(info.value).startswith(f"cannot merge {tmp_path / 'out'}: shards not done: split.2; "
                                       "stale (done from another plan): split.1; run those shards first")
+    assert not (plan.shard_dir(1) / "done").exists() and (plan.shard_dir(1) / "done.rejected").exists(), \
+        "the stale done is set aside, so Snakemake reruns that shard"
     merge_done = tmp_path / "out" / "merge.done"
     assert not merge_done.exists() or json.loads(merge_done.read_text())["fingerprint"] != plan.fingerprint, \
         "only a successful merge writes merge.done for this plan"
