@@ -82,8 +82,8 @@ def test_plan_run_shard_merge_status(tmp_path):
                    engine_error(lambda: completed_shard_dirs(read_manifest(manifest))), exact=True)
 
     ran = fx.cli("run-shard", "--manifest", manifest, "--shard", 2)
-    assert re.fullmatch(rf"{re.escape(str(tmp_path / 'out' / 'split.2'))}: done \(3 items; [\d.]+ s CPU, \d+ MB peak RSS\)",
-                        ran.stdout.strip())
+    shard_line = rf"{re.escape(str(tmp_path / 'out' / 'split.2'))}: done \(3 items; [\d.]+ s CPU, \d+ MB peak RSS\)"
+    assert re.fullmatch(shard_line, ran.stdout.strip())
     status = fx.cli("status", *job, check=False)
     assert status.returncode == 3 and status.stdout.strip().endswith("1 done, pending: [0, 1]")
     for shard in (0, 1):
@@ -182,7 +182,8 @@ def test_manifest_errors_are_one_line(tmp_path, capsys):
                    f"{missing}: manifest not found")
     missing.parent.mkdir()
     missing.write_text('{"version": 2, ')
-    one_line_error(run_main(capsys, "status", "--manifest", missing), "status", f"{missing}: manifest is not valid JSON (")
+    one_line_error(run_main(capsys, "status", "--manifest", missing), "status",
+                   f"{missing}: manifest is not valid JSON (")
     missing.write_text(json.dumps({"version": 1, "spec": {}, "output_dir": "out", "shards": []}))
     one_line_error(run_main(capsys, "status", "--manifest", missing), "status",
                    f"{missing}: manifest version 1 is not 2; run the plan step again", exact=True)

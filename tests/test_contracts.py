@@ -5,11 +5,10 @@ from __future__ import annotations
 import inspect
 import pickle
 
-import pytest
 from omegaconf import OmegaConf
 
 import toys as fx
-from espnet3_rules import BaseRunner, ContractError, InferenceRunner, concatenate_shard_files
+from espnet3_rules import BaseRunner, InferenceRunner, concatenate_shard_files
 from espnet3_rules.engine.job import JobSpec
 from espnet3_rules.engine.plan import plan_job
 from espnet3_rules.engine.shard import build_worker_env, run_shard
@@ -65,11 +64,6 @@ def test_legacy_make_worker_setup_fn_still_works(tmp_path):
     run_shard(type(runner), plan, 0, build_worker_env(provider))
     assert fx.read_lines(tmp_path / "builds") == ["legacy-setup", "env"]
     assert (plan.shard_dir(0) / "text").read_text() == fx.expected_text(range(3))
-
-
-def test_provider_without_worker_setup_is_a_contract_error():
-    with pytest.raises(ContractError, match=r"^LocalOnlyProvider must implement build_worker_setup_fn\(\)"):
-        fx.LocalOnlyProvider({"n": 1}).build_worker_setup_fn()
 
 
 # ------------------------------------------------------- runner contract

@@ -74,7 +74,7 @@ def test_shards_run_by_the_cli_are_resumed_by_the_python_api(tmp_path):
     strict=True,
     reason="BUG: BaseRunner.job_spec() records provider.config after InferenceProvider.__init__ merged the params "
     "into it, so provider_config (a fingerprinted field) differs from the config's job: the Python API reruns "
-    "shards the workflow ran (and the workflow's merge calls the Python API's shards stale)",
+    "every shard the workflow ran",
 )
 def test_shards_of_an_inference_job_with_params_run_by_the_cli_are_resumed_by_the_python_api(tmp_path):
     params = {"calls_file": str(tmp_path / "calls"), "suffix": "!"}
