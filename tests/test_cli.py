@@ -1,7 +1,7 @@
 """CLI: ``plan``/``run-shard``/``merge``/``status`` exit codes and one-line errors; jobs from the config.
 
 End-to-end flows run ``python -m espnet3_rules`` as the Snakemake rules do; error lines are checked
-in-process through :func:`espnet3_rules.cli.main.main` (same code, no interpreter start per case).
+in-process through ``toys.run_main`` (the same ``main``, no interpreter start per case).
 Where a message belongs to the engine, the CLI line is compared with what the engine raises
 (the message itself is asserted where that check lives).
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from types import SimpleNamespace
 
 import pytest
 
@@ -23,7 +22,6 @@ from espnet3_rules.cli.config import (
     read_config,
     shard_resource,
 )
-from espnet3_rules.cli.main import main
 from espnet3_rules.engine.job import JobSpec
 from espnet3_rules.engine.merge import completed_shard_dirs
 from espnet3_rules.engine.plan import plan_job, read_manifest
@@ -37,14 +35,6 @@ def job_config(tmp_path, **changes):
     job = dict(JOB, output_dir=str(tmp_path / "out"))
     job.update(changes)
     return fx.write_config(tmp_path / "config.yaml", **{k: v for k, v in job.items() if v is not None})
-
-
-def run_main(capsys, *args):
-    """``main(args)`` in-process, as a CompletedProcess-like (returncode, stdout, stderr)."""
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def engine_error(call):
@@ -127,9 +117,9 @@ CONFIG_ERRORS = {
 
 
 @pytest.mark.parametrize("changes, extra, message", CONFIG_ERRORS.values(), ids=CONFIG_ERRORS.keys())
-def test_config_errors_are_one_line_schema_messages(tmp_path, capsys, changes, extra, message):
+def test_config_errors_are_one_line_schema_messages(tmp_path, changes, extra, message):
     config = job_config(tmp_path, **changes)
-    one_line_error(run_main(capsys, "plan", "--config", config, "--job", "j", *extra), "plan", message)
+    one_line_error(fx.run_main("plan", "--config", config, "--job", "j", *extra, check=False), "plan", message)
     assert not (tmp_path / "out").exists()
 
 
@@ -142,73 +132,74 @@ CONTRACT_ERRORS = {
 
 
 @pytest.mark.parametrize("changes", CONTRACT_ERRORS.values(), ids=CONTRACT_ERRORS.keys())
-def test_plan_prints_the_contract_error_of_plan_job_as_one_line(tmp_path, capsys, changes):
+def test_plan_prints_the_contract_error_of_plan_job_as_one_line(tmp_path, changes):
     config = job_config(tmp_path, **changes)
     message = engine_error(lambda: plan_job(job_from_config(read_config(config), "j")))
-    one_line_error(run_main(capsys, "plan", "--config", config, "--job", "j"), "plan", message, exact=True)
+    one_line_error(fx.run_main("plan", "--config", config, "--job", "j", check=False), "plan", message, exact=True)
     assert not (tmp_path / "out").exists()
 
 
-def test_config_file_errors_are_one_line(tmp_path, capsys):
-    one_line_error(run_main(capsys, "plan", "--config", tmp_path / "none.yaml", "--job", "j"), "plan",
+def test_config_file_errors_are_one_line(tmp_path):
+    one_line_error(fx.run_main("plan", "--config", tmp_path / "none.yaml", "--job", "j", check=False), "plan",
                    f"{tmp_path / 'none.yaml'}: cannot read config")
     (tmp_path / "bad.yaml").write_text("jobs: [unclosed\n")
-    one_line_error(run_main(capsys, "plan", "--config", tmp_path / "bad.yaml", "--job", "j"), "plan",
+    one_line_error(fx.run_main("plan", "--config", tmp_path / "bad.yaml", "--job", "j", check=False), "plan",
                    f"{tmp_path / 'bad.yaml'}:2:1: not valid YAML (expected ',' or ']', but got '<stream end>')",
                    exact=True)
-    one_line_error(run_main(capsys, "plan"), "plan", "name the job with --job-json, or with --config FILE --job NAME")
+    one_line_error(fx.run_main("plan", check=False), "plan",
+                   "name the job with --job-json, or with --config FILE --job NAME")
     (tmp_path / "list.yaml").write_text("jobs: [a, b]\n")
-    one_line_error(run_main(capsys, "plan", "--config", tmp_path / "list.yaml", "--job", "j"), "plan",
+    one_line_error(fx.run_main("plan", "--config", tmp_path / "list.yaml", "--job", "j", check=False), "plan",
                    f"{tmp_path / 'list.yaml'}: jobs: ['a', 'b'] is not of type 'object'", exact=True)
     (tmp_path / "top.yaml").write_text("- jobs\n")
-    one_line_error(run_main(capsys, "status", "--config", tmp_path / "top.yaml", "--job", "j"), "status",
+    one_line_error(fx.run_main("status", "--config", tmp_path / "top.yaml", "--job", "j", check=False), "status",
                    f"{tmp_path / 'top.yaml'}: must be a mapping with a 'jobs' section, got list", exact=True)
 
 
-def test_quoted_multi_line_errors_print_as_one_line(tmp_path, capsys, monkeypatch):
+def test_quoted_multi_line_errors_print_as_one_line(tmp_path, monkeypatch):
     (tmp_path / "loud_runners.py").write_text("raise ValueError('first line\\n  second line')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     config = job_config(tmp_path, runner="loud_runners.Runner")
-    loud = run_main(capsys, "plan", "--config", config, "--job", "j")
+    loud = fx.run_main("plan", "--config", config, "--job", "j", check=False)
     one_line_error(loud, "plan", "importing 'loud_runners' raised ValueError: first line   second line")
 
 
-def test_manifest_errors_are_one_line(tmp_path, capsys):
+def test_manifest_errors_are_one_line(tmp_path):
     missing = tmp_path / "out" / "manifest.json"
     for command in ("status", "merge"):
-        one_line_error(run_main(capsys, command, "--manifest", missing), command,
+        one_line_error(fx.run_main(command, "--manifest", missing, check=False), command,
                        f"{missing}: manifest not found; run the plan step first", exact=True)
-    one_line_error(run_main(capsys, "run-shard", "--manifest", missing, "--shard", 0), "run-shard",
+    one_line_error(fx.run_main("run-shard", "--manifest", missing, "--shard", 0, check=False), "run-shard",
                    f"{missing}: manifest not found")
     missing.parent.mkdir()
     missing.write_text('{"version": 2, ')
-    one_line_error(run_main(capsys, "status", "--manifest", missing), "status",
+    one_line_error(fx.run_main("status", "--manifest", missing, check=False), "status",
                    f"{missing}: manifest is not valid JSON (")
     missing.write_text(json.dumps({"version": 1, "spec": {}, "output_dir": "out", "shards": []}))
-    one_line_error(run_main(capsys, "status", "--manifest", missing), "status",
+    one_line_error(fx.run_main("status", "--manifest", missing, check=False), "status",
                    f"{missing}: manifest version 1 is not 2; run the plan step again", exact=True)
 
 
-def test_run_shard_errors_are_one_line(tmp_path, capsys):
+def test_run_shard_errors_are_one_line(tmp_path):
     config = job_config(tmp_path)
-    run_main(capsys, "plan", "--config", config, "--job", "j")
+    fx.run_main("plan", "--config", config, "--job", "j")
     manifest = tmp_path / "out" / "manifest.json"
-    one_line_error(run_main(capsys, "run-shard", "--manifest", manifest, "--shard", 3), "run-shard",
+    one_line_error(fx.run_main("run-shard", "--manifest", manifest, "--shard", 3, check=False), "run-shard",
                    "shard 3 does not exist; the plan has shards 0..2", exact=True)
     assert not (tmp_path / "out" / "split.3").exists()
 
     job_config(tmp_path, runner="toys.MyTextRunner", provider="toys.RenamedProvider", items=2, n_shards=1)
-    run_main(capsys, "plan", "--config", config, "--job", "j")
+    fx.run_main("plan", "--config", config, "--job", "j")
     plan = read_manifest(manifest)
     env = {**fx.RenamedProvider({}).build_env_local(), "device": "cpu"}  # run-shard adds the device key
     message = engine_error(lambda: run_shard(fx.MyTextRunner, plan, 0, env, "RenamedProvider"))
-    one_line_error(run_main(capsys, "run-shard", "--manifest", manifest, "--shard", 0), "run-shard", message,
+    one_line_error(fx.run_main("run-shard", "--manifest", manifest, "--shard", 0, check=False), "run-shard", message,
                    exact=True)
     assert not (tmp_path / "out" / "split.0").exists()
 
 
 # ----------------------------------------------------------- jobs from the config
-def test_test_sets_are_jobs_of_their_own(tmp_path, capsys):
+def test_test_sets_are_jobs_of_their_own(tmp_path):
     config = job_config(tmp_path, shard_subdir="decode", provider_config={"n": 9, "lang": "en"}, params=None,
                         test_sets=[{"name": "a"}, {"name": "b", "provider_config": {"n": 4}, "items": 3}])
     jobs = jobs_from_config(read_config(config))
@@ -217,9 +208,9 @@ def test_test_sets_are_jobs_of_their_own(tmp_path, capsys):
     b = jobs[f"{out}/decode/b"]
     assert (b.name, b.test_set, b.shard_subdir, b.provider_config, b.items) == (
         "j", "b", "decode/b", {"n": 4, "lang": "en"}, 3)
-    one_line_error(run_main(capsys, "plan", "--config", config, "--job", "j"), "plan",
+    one_line_error(fx.run_main("plan", "--config", config, "--job", "j", check=False), "plan",
                    "job 'j' names several test sets; jobs are ['j/a', 'j/b']", exact=True)
-    assert run_main(capsys, "plan", "--config", config, "--job", "j/b").returncode == 0
+    assert fx.run_main("plan", "--config", config, "--job", "j/b").returncode == 0
     assert read_manifest(tmp_path / "out" / "decode" / "b" / "manifest.json").job == b
     assert not (tmp_path / "out" / "decode" / "a").exists()
 

@@ -130,7 +130,7 @@ def test_default_runner_merges_records_from_shard_state_files_written_by_other_p
     config = fx.write_config(tmp_path / "c.yaml", runner="toys.CollectRunner",
                              provider="toys.SampleProvider", provider_config={"n": 7},
                              output_dir=str(tmp_path / "out"), n_shards=3)
-    fx.cli("plan", "--config", config, "--job", "j")
+    fx.run_main("plan", "--config", config, "--job", "j")
     for shard in range(3):
         fx.cli("run-shard", "--manifest", tmp_path / "out" / "manifest.json", "--shard", shard)
     runner = fx.CollectRunner(words(7), output_dir=tmp_path / "out", n_shards=3)

@@ -42,24 +42,24 @@ def test_python_api_run_is_what_the_cli_sees(tmp_path):
     python_text = (root / "text").read_bytes()
     assert python_text == fx.expected_text(range(7)).encode()
 
-    status = fx.cli("status", "--manifest", root / "manifest.json")
+    status = fx.run_main("status", "--manifest", root / "manifest.json")
     assert "3 done, pending: none" in status.stdout
     (root / "text").unlink()
-    fx.cli("merge", "--manifest", root / "manifest.json")
+    fx.run_main("merge", "--manifest", root / "manifest.json")
     assert (root / "text").read_bytes() == python_text
 
     manifest = (root / "manifest.json").read_text()
-    fx.cli("plan", "--config", config_for(tmp_path, 7, 3), "--job", "j")
+    fx.run_main("plan", "--config", config_for(tmp_path, 7, 3), "--job", "j")
     assert json.loads((root / "manifest.json").read_text())["fingerprint"] == json.loads(manifest)["fingerprint"], \
         "the plan step of the same job leaves the Python API's shards valid"
-    assert fx.cli("status", "--config", tmp_path / "c.yaml", "--job", "j").returncode == 0
+    assert fx.run_main("status", "--config", tmp_path / "c.yaml", "--job", "j").returncode == 0
 
 
 def test_shards_run_by_the_cli_are_resumed_by_the_python_api(tmp_path):
     config = config_for(tmp_path, 8, 3)
-    fx.cli("plan", "--config", config, "--job", "j")
+    fx.run_main("plan", "--config", config, "--job", "j")
     for shard in range(3):
-        fx.cli("run-shard", "--config", config, "--job", "j", "--shard", shard)
+        fx.run_main("run-shard", "--config", config, "--job", "j", "--shard", shard)
     assert sorted(fx.read_lines(tmp_path / "calls"), key=int) == [str(i) for i in range(8)]
     (tmp_path / "calls").unlink()
 
@@ -81,9 +81,9 @@ def test_shards_of_an_inference_job_with_params_run_by_the_cli_are_resumed_by_th
     config = fx.write_config(tmp_path / "c.yaml", runner="toys.CollectRunner",
                              provider="toys.CountingInferenceProvider", provider_config={"n": 4}, params=params,
                              output_dir=str(tmp_path / "out"), n_shards=2)
-    fx.cli("plan", "--config", config, "--job", "j")
+    fx.run_main("plan", "--config", config, "--job", "j")
     for shard in range(2):
-        fx.cli("run-shard", "--config", config, "--job", "j", "--shard", shard)
+        fx.run_main("run-shard", "--config", config, "--job", "j", "--shard", shard)
     (tmp_path / "calls").unlink()
     runner = fx.CollectRunner(fx.CountingInferenceProvider({"n": 4}, params=params), output_dir=tmp_path / "out",
                               n_shards=2)

@@ -13,11 +13,14 @@ another one); :class:`SelfRunner` plays the same part as ``wf_toy.SelfRunner``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
@@ -415,6 +418,19 @@ def plan_of(runner: BaseRunner, indices: Any) -> ShardPlan:
 def state_of(shard_dir: Any) -> Dict[str, Any]:
     """The saved state of a finished shard."""
     return load_state(Path(shard_dir))
+
+
+def run_main(*args: Any, check: bool = True) -> SimpleNamespace:
+    """``espnet3_rules.cli.main.main(args)`` in this process: ``returncode``, ``stdout``, ``stderr``
+    (the CLI's code without an interpreter start; :func:`cli` runs it as the rules do)."""
+    from espnet3_rules.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    if check and code != 0:
+        raise AssertionError(f"exit {code}\n{out.getvalue()}{err.getvalue()}")
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def cli(
