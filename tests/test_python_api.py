@@ -131,6 +131,12 @@ def test_a_changed_runner_option_reruns_every_shard_and_the_same_one_none(tmp_pa
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["job"]["runner_kwargs"] == {"beam": 7}
 
 
+def test_a_provider_env_entry_of_the_same_name_wins_over_the_runner_option_in_the_hooks(tmp_path):
+    provider = fx.SampleProvider({"n": 2, "extra_env": {"beam": 9}})
+    result = fx.BeamRunner(provider, beam=5, output_dir=tmp_path)(range(2))
+    assert [r["beam"] for r in result["records"]] == [9, 9] and result["merge_beam"] == 5
+
+
 def test_a_positional_runner_option_is_recorded_by_name(tmp_path):
     provider = fx.SampleProvider({"n": 2})
     assert fx.BeamRunner(provider, 3, output_dir=tmp_path).job_spec().runner_kwargs == {"beam": 3}

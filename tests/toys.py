@@ -132,10 +132,6 @@ class SampleProvider(EnvironmentProvider):
         return setup
 
 
-class OtherSampleProvider(SampleProvider):
-    """Same env as SampleProvider, another class (its import path is part of the plan)."""
-
-
 class LegacyProvider(EnvironmentProvider):
     """An older ESPnet3 provider: worker setup through ``make_worker_setup_fn``."""
 
