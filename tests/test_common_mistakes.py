@@ -143,16 +143,7 @@ def test_the_fixed_jobs_plan(tmp_path):
     "check",
     [
         pytest.param(plan_job, id="plan rule"),
-        pytest.param(
-            describe_job,
-            id="dry-run",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: check_classes binds runner_kwargs against inspect.signature(runner_cls), which is "
-                "BaseRunner.__new__'s (*args, **kwargs), so it never refuses; check_runner_options swallows the "
-                "TypeError of the stand-in construction. README: refused at snakemake -n.",
-            ),
-        ),
+        pytest.param(describe_job, id="dry-run"),
     ],
 )
 def test_runner_kwargs_the_constructor_does_not_take(tmp_path, monkeypatch, check):

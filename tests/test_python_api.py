@@ -70,12 +70,6 @@ def test_shards_run_by_the_cli_are_resumed_by_the_python_api(tmp_path):
     assert (tmp_path / "out" / "test" / "text").read_text() == fx.expected_text(range(8))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: BaseRunner.job_spec() records provider.config after InferenceProvider.__init__ merged the params "
-    "into it, so provider_config (a fingerprinted field) differs from the config's job: the Python API reruns "
-    "every shard the workflow ran",
-)
 def test_shards_of_an_inference_job_with_params_run_by_the_cli_are_resumed_by_the_python_api(tmp_path):
     params = {"calls_file": str(tmp_path / "calls"), "suffix": "!"}
     config = fx.write_config(tmp_path / "c.yaml", runner="toys.CollectRunner",
