@@ -342,6 +342,8 @@ class ForkServer:
                 deadlines.append(self.last_activity + IDLE_EXIT_S)
             events = self.selector.select(max(min(deadlines) - now, 0.1) if deadlines else None)
             for key, _ in events:
+                if self.selector.get_map().get(key.fd) is not key:
+                    continue  # unregistered by an earlier event of this batch (a reaped child's report)
                 kind, ident = key.data
                 if kind == "accept":
                     self._accept()
