@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 import shutil
+import site
 import socket
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def serve(env, tmp_path):
 @pytest.fixture
 def user_site(env):
     """The user site-packages of ``env``'s interpreter: installed code, as a pip install --user makes it."""
-    if not forkserver.site.ENABLE_USER_SITE:
+    if not site.ENABLE_USER_SITE:
         pytest.skip("this interpreter has no user site-packages (a venv?)")
     path = Path(sysconfig.get_path("purelib", f"{os.name}_user", vars={"userbase": env["PYTHONUSERBASE"]}))
     path.mkdir(parents=True)
