@@ -210,6 +210,15 @@ def test_a_child_takes_the_clients_umask_and_resource_limits(env, serve, tmp_pat
     assert probe["limits"] == {name: list(limit) for name, limit in LIMITS.items()}
 
 
+def test_children_draw_their_own_random_numbers_as_fresh_processes_do(env, serve, tmp_path):
+    (tmp_path / "mods" / "fs_draw.py").write_text(
+        "import os, numpy, torch\nVERSION = f'{os.getppid()} {numpy.random.random()} {torch.rand(1).item()}'\n")
+    server = serve(tmp_path, imports=["numpy", "torch"])  # their global generators are seeded in the server
+    draws = [imported(env, "fs_draw", cwd=tmp_path).split() for _ in range(2)]
+    assert draws[0][0] == draws[1][0] == str(server.pid)
+    assert draws[0][1] != draws[1][1] and draws[0][2] != draws[1][2]
+
+
 def test_a_server_with_lower_hard_limits_than_the_client_declines(env, serve, tmp_path):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 64:

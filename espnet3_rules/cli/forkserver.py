@@ -1,8 +1,8 @@
 """Warm processes for local runs: a fork server that keeps the imports of earlier shards.
 
 Every rule runs one ``python -m espnet3_rules ...`` process, and most of a short
-shard's time is importing the user's stack again (``import torch`` alone takes
-1-2 s), where ESPnet3's Dask workers import it once per worker. Here the first
+shard's time is importing the user's stack again (``import torch`` above all),
+where ESPnet3's Dask workers import it once per worker. Here the first
 ``run-shard`` starts a server for its interpreter, working directory and
 environment; it holds the installed modules that the shards it ran had imported.
 Each later ``run-shard`` (the *client*) hands it its argv, working directory,
@@ -19,7 +19,10 @@ client dies of).
   ever inherited. It starts with ``PYTORCH_NVML_BASED_CUDA_CHECK=1``, so that
   ``torch.cuda.is_available()`` in an import does not initialise CUDA.
 - A child forgets the server's ``atexit`` handlers, sets the client's umask and
-  resource limits, and exits with ``os._exit`` after its own handlers ran.
+  resource limits, reseeds the global random generators of numpy and torch (as a
+  fresh import would seed them: each child draws its own numbers; Python's
+  ``random`` reseeds itself after a fork), and exits with ``os._exit`` after its
+  own handlers ran.
 - A client that dies (Snakemake cancelling a job) takes its child with it, and
   a child dies with the server (``PR_SET_PDEATHSIG``).
 - A server whose loaded source files changed, that has started threads or has
@@ -620,6 +623,7 @@ def _child_main(entry: Entry, request: dict, fds: List[int], report_w: int) -> N
         os.environ.clear()
         os.environ.update(request["env"])
         _reopen_std_streams(request["env"])
+        _reseed_global_generators()
         sys.argv = list(request["argv"])
         code = entry(sys.argv[1:])
     except SystemExit as exc:
@@ -640,6 +644,14 @@ def _child_main(entry: Entry, request: dict, fds: List[int], report_w: int) -> N
             report.write("\n".join(sys.modules))
     finally:
         os._exit(code)
+
+
+def _reseed_global_generators() -> None:
+    """Fresh entropy for the global generators that the server imported (a fork copies their state)."""
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    if "torch" in sys.modules:
+        sys.modules["torch"].seed()  # CUDA's generators are seeded lazily: CUDA is not initialised here
 
 
 def _fresh_atexit() -> None:
