@@ -8,7 +8,7 @@ import sys
 
 from espnet3_rules.cli.forkserver import run_in_warm_process
 
-status = run_in_warm_process("espnet3_rules.cli.main", sys.argv[1:]) if sys.argv[1:2] == ["run-shard"] else None
+status = run_in_warm_process(sys.argv[1:]) if sys.argv[1:2] == ["run-shard"] else None
 if status is None:
     from espnet3_rules.cli.main import main
 

@@ -1,8 +1,93 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the one table that sorts tests into tiers (markers).
+
+The markers (registered in pyproject.toml, ``--strict-markers``):
+
+- ``e2e``: runs Snakemake, or a whole workflow as subprocesses;
+- ``slurm``: needs SLURM (a running cluster, or slurm-wlm to start a private one);
+- ``espnet3``: downloads or uses the real ESPnet3 (espnet) wheel.
+
+The fast unit tier is ``python -m pytest -q -m "not e2e and not slurm and not espnet3"``;
+plain ``python -m pytest -q`` runs everything. A test module is classified here, in ``TIERS``,
+not in the module: a key is a module name (every test in it) or ``module::pattern``, a
+``fnmatch`` pattern over the test function's name (for a module that mixes fast and slow tests).
+A module not named here is in the fast tier.
+"""
+
+import fnmatch
+import re
+from pathlib import Path
 
 import pytest
 
 from workflow_driver import SnakemakeServer, Workflow
+
+TIERS = {
+    # Snakemake runs: every test in the module.
+    "test_workflow": {"e2e"},
+    "test_bench_smoke": {"e2e"},  # bench/run_bench.py --quick: whole workflows as subprocesses
+    "test_slurm": {"e2e", "slurm"},  # Snakemake through the SLURM profile on the running cluster
+    "test_slurm_cluster_script": {"slurm"},  # scripts/slurm-cluster.sh: private SLURM daemons
+    "test_espnet3_reference": {"espnet3"},  # differential tests against the unpacked espnet wheel
+    # Mixed modules: the tests that run Snakemake (the rest are in-process or one shard process).
+    "test_bad_inputs::test_bad_config_fails_the_dry_run": {"e2e"},
+    "test_bad_inputs::test_runtime_mistake_ends_its_log_with_one_line": {"e2e"},
+    "test_bad_inputs::test_paths_with_spaces_and_unicode_ids_work": {"e2e"},
+    "test_faults::test_end_to_end_kills_then_a_plain_rerun_is_byte_identical": {"e2e"},
+    "test_faults::test_torn_done_under_snakemake_fails_the_merge_then_a_plain_rerun_heals": {"e2e"},
+    "test_faults::test_second_snakemake_on_the_same_directory_is_refused": {"e2e"},
+    "test_faults::test_killed_snakemake_keeps_finished_shards": {"e2e"},
+    "test_espnet3_reference::test_words_runner_under_snakemake_matches_espnet3_in_process": {"e2e"},
+    "test_espnet3_reference::test_espnet3_inference_runner_under_snakemake_matches_espnet3": {"e2e"},
+    "test_espnet3_reference::test_switched_inference_provider_with_our_inference_runner_matches_espnet3": {"e2e"},
+    "test_espnet3_reference::test_runner_option_reaches_merge_and_change_reruns_only_that_job": {"e2e"},
+}
+
+# Fixtures that run Snakemake: a test using one and not marked e2e is reported (see below).
+SNAKEMAKE_FIXTURES = {"wf", "snakemake_server"}
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _markers_for(module: str, function: str) -> set:
+    markers = set(TIERS.get(module, ()))
+    for key, names in TIERS.items():
+        mod, sep, pattern = key.partition("::")
+        if sep and mod == module and fnmatch.fnmatchcase(function, pattern):
+            markers |= names
+    return markers
+
+
+def pytest_configure(config):
+    # A stale entry would silently move slow tests into the fast tier: name it.
+    missing = sorted({key.partition("::")[0] for key in TIERS} - {path.stem for path in TESTS.glob("test_*.py")})
+    if missing:
+        config.issue_config_time_warning(
+            pytest.PytestConfigWarning(f"conftest TIERS names modules not in tests/: {', '.join(missing)}"), stacklevel=2)
+    for key in TIERS:
+        mod, sep, pattern = key.partition("::")
+        path = TESTS / f"{mod}.py"
+        if sep and path.exists():
+            defined = re.findall(r"^(?:async\s+)?def\s+(test\w*)", path.read_text(encoding="utf-8"), re.M)
+            if not fnmatch.filter(defined, pattern):
+                config.issue_config_time_warning(
+                    pytest.PytestConfigWarning(f"conftest TIERS: {key!r}: no such test in {path.name}"),
+                    stacklevel=2)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    unmarked = []
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if getattr(item, "module", None) else item.path.stem
+        function = getattr(item, "originalname", None) or item.name
+        markers = _markers_for(module, function)
+        for name in sorted(markers):
+            item.add_marker(name)
+        if "e2e" not in markers and SNAKEMAKE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            unmarked.append(item.nodeid)
+    if unmarked:
+        config.issue_config_time_warning(pytest.PytestConfigWarning(
+            "uses a Snakemake fixture but is not marked e2e in conftest TIERS: " + ", ".join(unmarked)), stacklevel=2)
 
 
 @pytest.fixture

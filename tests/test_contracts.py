@@ -5,18 +5,18 @@ from __future__ import annotations
 import inspect
 import pickle
 
-import pytest
 from omegaconf import OmegaConf
 
-import core_fixtures as fx
-from espnet3_rules import BaseRunner, ContractError, InferenceRunner, concatenate_shard_files
-from espnet3_rules.cli.config import Unit, plan_unit
+import toys as fx
+from espnet3_rules import BaseRunner, InferenceRunner, concatenate_shard_files
+from espnet3_rules.engine.job import JobSpec
+from espnet3_rules.engine.plan import plan_job
 from espnet3_rules.engine.shard import build_worker_env, run_shard
 
 
 def words(n, **extra_env):
-    """WordsProvider over ``n`` utterances with extra env keys."""
-    return fx.WordsProvider({"n": n, "extra_env": extra_env})
+    """SampleProvider over ``n`` utterances with extra env keys."""
+    return fx.SampleProvider({"n": n, "extra_env": extra_env})
 
 
 # ------------------------------------------------------------- providers
@@ -39,7 +39,7 @@ def test_inference_provider_merges_params_into_config_and_env(tmp_path):
         env = provider.build_env_local()
         assert env["device"] == "cpu" and env["suffix"] == "!"
         assert env["model"](word="ab") == "AB!", "build_model saw the params through config"
-        assert provider.declared_env_keys() == {"dataset", "model", "suffix", "device"}
+        assert type(provider).declared_env_keys(provider.params) == {"dataset", "model", "suffix", "device"}
     assert fx.CountingInferenceProvider(None).config == {}
 
 
@@ -51,24 +51,19 @@ def test_runner_builds_the_local_env_once_for_all_shards(tmp_path):
 
 
 def test_plan_step_never_builds_the_model(tmp_path):
-    unit = Unit(job="j", runner="core_fixtures.CollectRunner", provider="core_fixtures.CountingInferenceProvider",
-                output_dir=str(tmp_path / "out"), n_shards=2, provider_config={"n": 4, "log_dir": str(tmp_path)})
-    assert plan_unit(unit).n_items == 4
+    job = JobSpec(name="j", runner="toys.CollectRunner", provider="toys.CountingInferenceProvider",
+                  output_dir=str(tmp_path / "out"), n_shards=2, provider_config={"n": 4, "log_dir": str(tmp_path)})
+    assert plan_job(job).n_items == 4
     assert fx.read_lines(tmp_path / "builds") == ["dataset"]
 
 
 def test_legacy_make_worker_setup_fn_still_works(tmp_path):
     provider = fx.LegacyProvider({"n": 3, "log_dir": str(tmp_path)})
     runner = fx.MyTextRunner(provider, output_dir=tmp_path / "out")
-    plan = runner.plan(range(3))
-    run_shard(runner, plan, 0, build_worker_env(runner))
+    plan = fx.plan_of(runner, range(3))
+    run_shard(type(runner), plan, 0, build_worker_env(provider))
     assert fx.read_lines(tmp_path / "builds") == ["legacy-setup", "env"]
     assert (plan.shard_dir(0) / "text").read_text() == fx.expected_text(range(3))
-
-
-def test_provider_without_worker_setup_is_a_contract_error():
-    with pytest.raises(ContractError, match=r"^LocalOnlyProvider must implement build_worker_setup_fn\(\)"):
-        fx.LocalOnlyProvider({"n": 1}).build_worker_setup_fn()
 
 
 # ------------------------------------------------------- runner contract
@@ -105,7 +100,7 @@ def test_batch_aware_forward_gets_lists_of_batch_size(tmp_path):
     results = runner(range(8))
     assert [(r["kind"], r["idx"]) for r in results] == [("list", [0, 1, 2]), ("list", [3, 4, 5]), ("list", [6, 7])]
     assert results[2]["hyp"] == ["W6", "W7"]
-    assert [len(s) for s in runner.plan(range(8)).shards] == [2, 1]
+    assert [len(s) for s in fx.plan_of(runner, range(8)).shards] == [2, 1]
     unbatched = fx.BatchRunner(words(3), output_dir=tmp_path / "u")(range(3))
     assert [(r["kind"], r["idx"]) for r in unbatched] == [("one", 0), ("one", 1), ("one", 2)]
 
@@ -118,24 +113,24 @@ def test_docs_text_runner_writes_text_per_shard_and_merges(tmp_path):
     assert [(root / f"split.{i}" / "text").read_text() for i in range(3)] == [
         fx.expected_text(range(0, 4)), fx.expected_text(range(4, 7)), fx.expected_text(range(7, 10))]
     assert (root / "text").read_text() == fx.expected_text(range(10))
-    assert runner.deserialize_state(root / "split.1") == {"shard_id": 1, "shard_dir": str(root / "split.1"),
+    assert fx.state_of(root / "split.1") == {"shard_id": 1, "shard_dir": str(root / "split.1"),
                                                           "records": []}
 
 
 def test_close_writers_with_state_and_env_and_hooks_take_env_by_name(tmp_path):
     runner = fx.StateCloseRunner(words(5, prefix="hyp_"), output_dir=tmp_path, n_shards=2)
     runner(range(5))
-    state = runner.deserialize_state(tmp_path / "split.1")
+    state = fx.state_of(tmp_path / "split.1")
     assert state["closed"] == {"shard_id": 1, "n_written": 2, "prefix": "hyp_"}
     assert "_writers" not in state
     assert (tmp_path / "split.1" / "hyp_text").read_text() == "utt003 W3 shard=1\nutt004 W4 shard=1\n"
 
 
 def test_default_runner_merges_records_from_shard_state_files_written_by_other_processes(tmp_path):
-    config = fx.write_config(tmp_path / "c.yaml", runner="core_fixtures.CollectRunner",
-                             provider="core_fixtures.WordsProvider", provider_config={"n": 7},
+    config = fx.write_config(tmp_path / "c.yaml", runner="toys.CollectRunner",
+                             provider="toys.SampleProvider", provider_config={"n": 7},
                              output_dir=str(tmp_path / "out"), n_shards=3)
-    fx.cli("plan", "--config", config, "--job", "j")
+    fx.run_main("plan", "--config", config, "--job", "j")
     for shard in range(3):
         fx.cli("run-shard", "--manifest", tmp_path / "out" / "manifest.json", "--shard", shard)
     runner = fx.CollectRunner(words(7), output_dir=tmp_path / "out", n_shards=3)
@@ -150,7 +145,7 @@ def test_default_runner_merges_records_from_shard_state_files_written_by_other_p
 def inference_runner(tmp_path, n=12, n_shards=12, **kwargs):
     provider = fx.CountingInferenceProvider({"n": n})
     return InferenceRunner(provider, output_dir=tmp_path, shard_subdir="dev", n_shards=n_shards,
-                           input_key="word", output_fn="core_fixtures.to_record", **kwargs)
+                           input_key="word", output_fn="toys.to_record", **kwargs)
 
 
 def test_inference_runner_writes_scp_per_field_and_merges_in_shard_id_order(tmp_path):

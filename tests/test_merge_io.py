@@ -221,7 +221,7 @@ def test_fast_check_agrees_with_the_exact_pass_on_random_fragments(tmp_path):
 
 # ------------------------------------------------------------------ InferenceRunner.merge
 def test_merge_writes_every_field_after_the_checks(tmp_path):
-    runner = InferenceRunner(provider=None, output_dir=tmp_path / "out")
+    runner = InferenceRunner(provider=None, output_dir=tmp_path / "out", input_key="text")
     dirs = []
     for i, (hyp, score) in enumerate([("a x\nb y\n", "a 1\nb 2\n"), ("c z\n", "c 3\n")]):
         shard_dir = tmp_path / "out" / f"split.{i}"
@@ -239,7 +239,7 @@ def test_merge_writes_every_field_after_the_checks(tmp_path):
 
 @pytest.mark.parametrize("bad", ["duplicate", "copy-fails"])
 def test_failed_merge_leaves_no_merged_or_temp_file(tmp_path, monkeypatch, bad):
-    runner = InferenceRunner(provider=None, output_dir=tmp_path / "out")
+    runner = InferenceRunner(provider=None, output_dir=tmp_path / "out", input_key="text")
     dirs = make_shards(tmp_path / "out", ["a 1\n", "b 2\n", "a 3\n" if bad == "duplicate" else "c 3\n"])
     if bad == "copy-fails":
 

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-import core_fixtures as fx
-from espnet3_rules import InferenceRunner
-from espnet3_rules.engine.plan import ShardPlan, make_plan, read_manifest, split_contiguous, write_manifest
+import toys as fx
+from espnet3_rules import ContractError, InferenceRunner
+from espnet3_rules.engine.job import JobSpec
+from espnet3_rules.engine.plan import (
+    ShardPlan,
+    decode_items,
+    encode_items,
+    make_plan,
+    read_manifest,
+    split_contiguous,
+    write_manifest,
+)
+
+
+def job(output_dir="out", n_shards=1, batch_size=None, **fields):
+    """A JobSpec with only what the plan needs set."""
+    return JobSpec(name="j", runner="r.R", provider="p.P", output_dir=str(output_dir), n_shards=n_shards,
+                   batch_size=batch_size, **fields)
 
 
 # ---------------------------------------------------------------- chunks
@@ -31,7 +47,7 @@ def test_chunks_are_contiguous_and_balanced(n_items):
 
 
 def test_plan_chunks_batches_not_items():
-    plan = make_plan({"batch_size": 2}, range(9), 2, "out")
+    plan = make_plan(job(n_shards=2, batch_size=2), range(9))
     assert plan.shards == [[[0, 1], [2, 3], [4, 5]], [[6, 7], [8]]]
     assert plan.n_items == 9 and plan.n_shards == 2
 
@@ -42,18 +58,18 @@ def manifest_of(plan):
 
 
 def test_manifest_content(tmp_path):
-    runner = fx.CollectRunner(fx.WordsProvider({"n": 10}), output_dir=tmp_path, shard_subdir="dev", n_shards=3)
-    plan = runner.plan(range(10))
+    runner = fx.CollectRunner(fx.SampleProvider({"n": 10}), output_dir=tmp_path, shard_subdir="dev", n_shards=3)
+    plan = fx.plan_of(runner, range(10))
     manifest = manifest_of(plan)
     assert manifest == {
-        "version": 1,
+        "version": 2,
         "fingerprint": plan.fingerprint,
-        "output_dir": str(tmp_path),
-        "shard_subdir": "dev",
+        "job": {"name": "CollectRunner", "runner": "toys.CollectRunner", "provider": "toys.SampleProvider",
+                "output_dir": str(tmp_path), "shard_subdir": "dev", "n_shards": 3, "batch_size": None,
+                "provider_config": {"n": 10}, "params": {}, "runner_kwargs": {}, "items": None, "test_set": None,
+                "inputs": [], "resources": {}},
         "n_items": 10,
         "n_shards": 3,
-        "spec": {"runner": "core_fixtures.CollectRunner", "provider": "core_fixtures.WordsProvider",
-                 "provider_config": {"n": 10}, "params": {}, "batch_size": None, "runner_kwargs": {}},
         "shards": [
             {"shard_id": 0, "n_items": 4, "items": {"range": [0, 4]}},
             {"shard_id": 1, "n_items": 3, "items": {"range": [4, 7]}},
@@ -64,15 +80,26 @@ def test_manifest_content(tmp_path):
 
 
 def test_manifest_encodes_batches_as_ranges(tmp_path):
-    manifest = manifest_of(make_plan({"batch_size": 3}, range(10), 2, tmp_path))
+    manifest = manifest_of(make_plan(job(tmp_path, n_shards=2, batch_size=3), range(10)))
     assert [s["items"] for s in manifest["shards"]] == [
         {"range": [0, 6], "batch_size": 3}, {"range": [6, 10], "batch_size": 3}]
     assert [s["n_items"] for s in manifest["shards"]] == [2, 2], "n_items of a shard counts its batches"
 
 
 def test_large_plans_stay_small():
-    manifest = json.dumps(make_plan({}, range(200_000), 8, "out").to_manifest())
+    manifest = json.dumps(make_plan(job(n_shards=8), range(200_000)).to_manifest())
     assert len(manifest) < 2_000
+
+
+@pytest.mark.parametrize(
+    "items",
+    [list(range(5, 12)), [[0, 1, 2], [3, 4, 5], [6]], ["a", "b"], [3, 1, 2], [[0, 1], [2]], [[0], [1, 2]],
+     [[0, 1], [2, 3], [4, 5, 6]], [[2, 3], [0, 1]]],
+    ids=["range", "batches", "strings", "unordered", "short last batch", "short first batch", "long last batch",
+         "batches out of order"],
+)
+def test_items_encoding_round_trips_any_shard_shape(items):
+    assert decode_items(json.loads(json.dumps(encode_items(items)))) == items
 
 
 ITEM_LISTS = {
@@ -93,17 +120,48 @@ ITEM_LISTS = {
 
 @pytest.mark.parametrize("items, batch_size", ITEM_LISTS.values(), ids=ITEM_LISTS.keys())
 def test_manifest_round_trips_items_exactly(tmp_path, items, batch_size):
-    spec = {"runner": "r.R", "batch_size": batch_size}
     n_units = len(items) if batch_size is None else -(-len(items) // batch_size)
     for n_shards in range(1, min(3, n_units) + 1):
-        plan = make_plan(spec, items, n_shards, tmp_path)
+        plan = make_plan(job(tmp_path, n_shards=n_shards, batch_size=batch_size), items)
         loaded = read_manifest(write_manifest(plan))
         assert repr(loaded.shards) == repr(plan.shards), "same values and same types"
         assert [x for shard in loaded.shards for x in (sum(shard, []) if batch_size else shard)] == items
-        assert (loaded.fingerprint, loaded.n_items, loaded.spec) == (plan.fingerprint, plan.n_items, plan.spec)
-        recomputed = ShardPlan(spec=loaded.spec, output_dir=loaded.output_dir, shard_subdir="",
-                               shards=loaded.shards, n_items=loaded.n_items)
+        assert (loaded.fingerprint, loaded.n_items, loaded.job) == (plan.fingerprint, plan.n_items, plan.job)
+        recomputed = ShardPlan(job=loaded.job, shards=loaded.shards, n_items=loaded.n_items)
         assert recomputed.fingerprint == plan.fingerprint
+
+
+# ------------------------------------------------------------- job spec
+FULL_JOB = dict(name="decode", runner="toys.BeamRunner", provider="toys.CountingInferenceProvider",
+                output_dir="exp/decode", shard_subdir="test/clean", n_shards=3, batch_size=2,
+                provider_config={"n": 7, "nested": {"lang": "en", "sizes": [1, 2]}}, params={"suffix": "!"},
+                runner_kwargs={"beam": 5}, items=7, test_set="clean", inputs=["data/clean/text"],
+                resources={"mem_mb": 4000, "gpu": 1})
+
+
+def test_job_spec_round_trips_through_json_dict_and_manifest(tmp_path):
+    spec = JobSpec(**dict(FULL_JOB, output_dir=str(tmp_path / "exp")))
+    assert spec.root == tmp_path / "exp" / "test" / "clean"
+    assert JobSpec.from_dict(spec.to_dict()) == spec
+    assert JobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    text = spec.to_json()
+    assert "resources" not in json.loads(text), "resources never change results: not part of what Snakemake compares"
+    assert JobSpec.from_json(text) == JobSpec(**{**dict(FULL_JOB, output_dir=str(tmp_path / "exp")), "resources": {}})
+    assert text == JobSpec.from_json(text).to_json(), "canonical: the same job gives the same text"
+    plan = make_plan(spec, range(7))
+    loaded = read_manifest(write_manifest(plan))
+    assert loaded.job == spec and loaded.fingerprint == plan.fingerprint
+    assert json.loads(plan.manifest_path.read_text())["job"] == spec.to_dict()
+
+
+def test_job_spec_result_fields_and_unknown_fields():
+    spec = JobSpec(**FULL_JOB)
+    assert spec.result_fields() == {"runner": "toys.BeamRunner", "provider": "toys.CountingInferenceProvider",
+                                    "provider_config": FULL_JOB["provider_config"], "params": {"suffix": "!"},
+                                    "runner_kwargs": {"beam": 5}, "batch_size": 2}
+    assert JobSpec(name="j", runner="r.R", provider="p.P", output_dir="o").root == Path("o")
+    with pytest.raises(ContractError, match=r"^job description has unknown field\(s\) \['job', 'spec'\]$"):
+        JobSpec.from_dict({**spec.to_dict(), "spec": {}, "job": "j"})
 
 
 # ----------------------------------------------------------- fingerprint
@@ -113,7 +171,7 @@ def fingerprint(tmp_path, runner_cls=fx.CollectRunner, provider_cls=fx.CountingI
     provider = provider_cls(dict(config or {"n": 10, "lang": "en"}), params=dict(params or {"beam": 1}))
     kwargs.setdefault("output_dir", tmp_path / "out")
     kwargs.setdefault("n_shards", 2)
-    return runner_cls(provider, **kwargs).plan(indices).fingerprint
+    return fx.plan_of(runner_cls(provider, **kwargs), indices).fingerprint
 
 
 CHANGES = {
@@ -151,7 +209,7 @@ def test_fingerprint_ignores_what_does_not(tmp_path, change):
 def test_fingerprint_same_for_omegaconf_and_dict_config(tmp_path):
     def plan(config):
         provider = fx.CountingInferenceProvider(config, params={"beam": 1})
-        return fx.CollectRunner(provider, output_dir=tmp_path, n_shards=2).plan(range(10)).fingerprint
+        return fx.plan_of(fx.CollectRunner(provider, output_dir=tmp_path, n_shards=2), range(10)).fingerprint
 
     assert plan(OmegaConf.create({"n": 10, "lang": "en"})) == plan({"n": 10, "lang": "en"})
 
@@ -160,7 +218,7 @@ def test_fingerprint_follows_runner_options(tmp_path):
     def plan(**kwargs):
         provider = fx.CountingInferenceProvider({"n": 4})
         runner = InferenceRunner(provider, output_dir=tmp_path, input_key="word", **kwargs)
-        return runner.plan(range(4)).fingerprint
+        return fx.plan_of(runner, range(4)).fingerprint
 
-    assert plan(output_keys="text") == plan(output_keys=["text"]) != plan(output_keys=["text", "length"])
-    assert plan() != plan(output_fn="core_fixtures.to_record")
+    assert plan(output_keys=["text"]) == plan(output_keys=["text"]) != plan(output_keys=["text", "length"])
+    assert plan() != plan(output_fn="toys.to_record")

@@ -7,19 +7,20 @@ import shutil
 
 import pytest
 
-import core_fixtures as fx
+import toys as fx
 from espnet3_rules import ContractError
 from espnet3_rules.engine.merge import completed_shard_dirs, merge_plan, pending_shards
-from espnet3_rules.engine.shard import build_local_env, run_shard
+from espnet3_rules.engine.plan import read_manifest
+from espnet3_rules.engine.shard import is_shard_done, run_shard
 
 # Items 0..8 in 3 shards: split.1 holds items 3, 4, 5; the kill happens at item 5.
 KILLED_SHARD, KILL_AT = 1, 5
 JOBS = {
-    "docs text runner": dict(runner="core_fixtures.ProbeTextRunner", provider="core_fixtures.WordsProvider",
+    "docs text runner": dict(runner="toys.ProbeTextRunner", provider="toys.SampleProvider",
                              provider_config={"n": 9}),
-    "inference runner": dict(runner="espnet3_rules.InferenceRunner", provider="core_fixtures.CountingInferenceProvider",
+    "inference runner": dict(runner="espnet3_rules.InferenceRunner", provider="toys.CountingInferenceProvider",
                              provider_config={"n": 9},
-                             runner_kwargs={"input_key": "word", "output_fn": "core_fixtures.to_record"}),
+                             runner_kwargs={"input_key": "word", "output_fn": "toys.to_record"}),
 }
 
 
@@ -34,7 +35,7 @@ def shard_files(shard_dir):
 @pytest.mark.parametrize("job", JOBS.values(), ids=JOBS.keys())
 def test_killed_shard_leaves_no_done_and_rerun_is_byte_identical(tmp_path, job):
     config = fx.write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), n_shards=3, **job)
-    fx.cli("plan", "--config", config, "--job", "j")
+    fx.run_main("plan", "--config", config, "--job", "j")
     manifest = tmp_path / "out" / "manifest.json"
     shard_dir = tmp_path / "out" / f"split.{KILLED_SHARD}"
     run = ("run-shard", "--manifest", manifest, "--shard", KILLED_SHARD)
@@ -50,7 +51,7 @@ def test_killed_shard_leaves_no_done_and_rerun_is_byte_identical(tmp_path, job):
         killed = fx.cli(*run, env={fx.KILL_AT: str(KILL_AT)}, check=False)
         assert killed.returncode == -9, killed.stderr
         assert not (shard_dir / "done").exists()
-        assert fx.cli("status", "--manifest", manifest, check=False).returncode == 3
+        assert not is_shard_done(read_manifest(manifest), KILLED_SHARD)
         if job["runner"].endswith("ProbeTextRunner"):
             assert (shard_dir / "text").read_text() == fx.expected_text([3, 4]), "the shard died mid-write"
         fx.cli(*run)
@@ -58,7 +59,7 @@ def test_killed_shard_leaves_no_done_and_rerun_is_byte_identical(tmp_path, job):
 
 
 def test_forward_error_leaves_no_done_and_removes_an_old_one(tmp_path, monkeypatch):
-    runner = fx.ProbeTextRunner(fx.WordsProvider({"n": 6}), output_dir=tmp_path, n_shards=2)
+    runner = fx.ProbeTextRunner(fx.SampleProvider({"n": 6}), output_dir=tmp_path, n_shards=2)
     runner(range(6))
     monkeypatch.setenv(fx.FAIL_AT, "4")
     assert runner(range(6)) == {}, "resume: every shard is done, nothing runs"
@@ -70,9 +71,10 @@ def test_forward_error_leaves_no_done_and_removes_an_old_one(tmp_path, monkeypat
 
 
 def test_unpicklable_shard_state_is_a_contract_error_and_no_done(tmp_path):
-    runner = fx.UnpicklableRunner(fx.WordsProvider({"n": 2}), output_dir=tmp_path)
-    with pytest.raises(ContractError, match=r"shard state of .*split\.0 cannot be pickled"):
+    runner = fx.UnpicklableRunner(fx.SampleProvider({"n": 2}), output_dir=tmp_path)
+    with pytest.raises(ContractError, match=r"shard state of .*split\.0 cannot be pickled") as info:
         runner(range(2))
+    assert info.value.__notes__ == [f"{tmp_path / 'split.0'} (save_state)"]
     assert sorted(p.name for p in (tmp_path / "split.0").iterdir()) == []
 
 
@@ -109,7 +111,7 @@ def test_resume_skips_done_shards_of_the_same_plan_only(tmp_path):
 def test_done_is_json_holding_the_plan_fingerprint(tmp_path):
     runner = counting_runner(tmp_path)
     runner(range(6))
-    plan = runner.plan(range(6))
+    plan = fx.plan_of(runner, range(6))
     for shard_id in range(3):
         done = json.loads((plan.shard_dir(shard_id) / "done").read_text())
         assert (done["fingerprint"], done["shard_id"], done["n_items"]) == (plan.fingerprint, shard_id, 2)
@@ -130,7 +132,7 @@ def test_done_from_an_older_plan_is_not_counted(tmp_path, runner_cls, change, ex
     counting_runner(tmp_path, runner_cls=runner_cls)(range(6))
     runner = counting_runner(tmp_path, runner_cls=runner_cls, **change)
     indices = range(runner.provider.config["n"])
-    plan = runner.plan(indices)
+    plan = fx.plan_of(runner, indices)
     assert pending_shards(plan) == list(range(plan.n_shards))
     with pytest.raises(ContractError, match=r"stale \(done from another plan\)"):
         completed_shard_dirs(plan)
@@ -143,13 +145,15 @@ def test_done_from_an_older_plan_is_not_counted(tmp_path, runner_cls, change, ex
 def test_merge_lists_missing_and_stale_shards(tmp_path):
     counting_runner(tmp_path, n_shards=3)(range(6))
     runner = counting_runner(tmp_path, n_shards=3, params={"suffix": "!"})
-    plan = runner.plan(range(6))
-    run_shard(runner, plan, 0, build_local_env(runner))
+    plan = fx.plan_of(runner, range(6))
+    run_shard(type(runner), plan, 0, runner.provider.build_env_local())
     (plan.shard_dir(2) / "done").unlink()
     with pytest.raises(ContractError) as info:
         merge_plan(runner, plan)
     assert str(info.value).startswith(f"cannot merge {tmp_path / 'out'}: shards not done: split.2; "
                                       "stale (done from another plan): split.1; run those shards first")
+    assert not (plan.shard_dir(1) / "done").exists() and (plan.shard_dir(1) / "done.rejected").exists(), \
+        "the stale done is set aside, so Snakemake reruns that shard"
     merge_done = tmp_path / "out" / "merge.done"
     assert not merge_done.exists() or json.loads(merge_done.read_text())["fingerprint"] != plan.fingerprint, \
         "only a successful merge writes merge.done for this plan"
@@ -158,6 +162,6 @@ def test_merge_lists_missing_and_stale_shards(tmp_path):
 def test_mismatched_env_names_of_an_undeclared_provider_stop_the_shard_before_it_writes(tmp_path):
     runner = fx.MyTextRunner(fx.RenamedProvider({"n": 2}), output_dir=tmp_path)
     with pytest.raises(ContractError, match=r"^MyTextRunner\.forward needs 'dataset', 'model' but RenamedProvider's "
-                                            r"env provides \['ds', 'net', 'output_dir', 'shard_subdir'\]"):
+                                            r"env provides \['ds', 'net', 'output_dir'\]"):
         runner(range(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]

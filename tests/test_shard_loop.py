@@ -10,8 +10,8 @@ import pytest
 from tqdm import tqdm
 
 from espnet3_rules import BaseRunner, EnvironmentProvider
-from espnet3_rules.engine.plan import write_manifest
-from espnet3_rules.engine.shard import build_worker_env, progress_chunks, run_shard
+from espnet3_rules.engine.plan import make_plan, write_manifest
+from espnet3_rules.engine.shard import build_worker_env, load_state, progress_chunks, run_shard
 
 POISON = 3000  # deep inside a slice once slices have grown
 
@@ -76,6 +76,12 @@ class PoisonedFold(FoldRunner):
         return state
 
 
+class FailingOpen(WriteRunner):
+    @staticmethod
+    def open_writers(shard_dir, **env):
+        raise OSError("read-only")
+
+
 class FailingClose(WriteRunner):
     @staticmethod
     def close_writers(writers, state=None, **env):
@@ -84,15 +90,15 @@ class FailingClose(WriteRunner):
 
 def run_one(runner_cls, tmp_path, n_items=10, n_shards=2, shard_id=1):
     runner = runner_cls(ListProvider({"n_items": n_items}), output_dir=tmp_path, n_shards=n_shards)
-    plan = runner.plan(range(n_items))
+    plan = make_plan(runner.job_spec(), range(n_items))
     write_manifest(plan)
-    return plan, run_shard(runner, plan, shard_id, build_worker_env(runner))
+    return plan, run_shard(runner_cls, plan, shard_id, build_worker_env(runner.provider))
 
 
 def test_default_hooks_keep_every_result_in_order(tmp_path):
     plan, state = run_one(KeepRunner, tmp_path, n_items=20_000)
     assert state["records"] == [f"W{i}!" for i in range(10_000, 20_000)]
-    assert KeepRunner.deserialize_state(plan.shard_dir(1))["records"] == state["records"]
+    assert load_state(plan.shard_dir(1))["records"] == state["records"]
 
 
 @pytest.mark.parametrize("runner_cls, line", [(WriteRunner, "1 W{}!\n"), (EnvWriteRunner, "1 ! W{}!\n")])
@@ -114,10 +120,12 @@ def test_an_error_names_the_item_it_happened_at(tmp_path, runner_cls, error):
     assert not (tmp_path / "split.0" / "done").exists()
 
 
-def test_an_error_in_a_hook_names_the_stage(tmp_path):
+@pytest.mark.parametrize("runner_cls, stage", [(FailingOpen, "init_state"), (FailingClose, "finalize_state")])
+def test_an_error_in_a_hook_names_the_stage(tmp_path, runner_cls, stage):
     with pytest.raises(OSError) as info:
-        run_one(FailingClose, tmp_path)
-    assert info.value.__notes__ == [f"{tmp_path / 'split.1'} (close_writers)"]
+        run_one(runner_cls, tmp_path)
+    assert info.value.__notes__ == [f"{tmp_path / 'split.1'} ({stage})"]
+    assert not (tmp_path / "split.1" / "done").exists()
 
 
 @pytest.mark.parametrize("n_items", [0, 1, 7, 10_000])

@@ -1,4 +1,4 @@
-"""The core package imports and runs jobs in a Python where ``import torch`` fails."""
+"""The core package imports and runs jobs in a Python where ``import torch`` (and numpy, jiwer) fails."""
 
 from __future__ import annotations
 
@@ -7,37 +7,41 @@ import os
 import subprocess
 import sys
 
-import core_fixtures as fx
+import toys as fx
 
 BLOCKER = '''\
 import sys
 
 
-class BlockTorch:
-    """Meta-path finder that makes every torch import fail."""
+BLOCKED = ("torch", "numpy", "jiwer")
+
+
+class BlockHeavy:
+    """Meta-path finder that makes every torch (and numpy, jiwer) import fail."""
 
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
+        if name.split(".")[0] in BLOCKED:
             raise ImportError(f"{name} is blocked in this test")
         return None
 
 
-sys.meta_path.insert(0, BlockTorch())
+sys.meta_path.insert(0, BlockHeavy())
 '''
 
 JOB = '''\
 import importlib, json, pkgutil, sys
 
-try:
-    import torch  # noqa: F401
-    blocked = False
-except ImportError:
-    blocked = True
+blocked = []
+for heavy in ("torch", "numpy", "jiwer"):
+    try:
+        importlib.import_module(heavy)
+    except ImportError:
+        blocked.append(heavy)
 
 import espnet3_rules
 from espnet3_rules import InferenceRunner
 from espnet3_rules.cli.main import main
-import core_fixtures as fx
+import toys as fx
 
 modules = sorted(
     m.name for m in pkgutil.walk_packages(espnet3_rules.__path__, "espnet3_rules.")
@@ -47,12 +51,12 @@ for name in modules:
     importlib.import_module(name)
 
 out = sys.argv[1]
-text = fx.MyTextRunner(fx.WordsProvider({"n": 4}), output_dir=out, shard_subdir="text", n_shards=2)(range(4))
+text = fx.MyTextRunner(fx.SampleProvider({"n": 4}), output_dir=out, shard_subdir="text", n_shards=2)(range(4))
 scp = InferenceRunner(fx.CountingInferenceProvider({"n": 3}), output_dir=out, shard_subdir="scp", n_shards=2,
-                      input_key="word", output_fn="core_fixtures.to_record")(range(3))
+                      input_key="word", output_fn="toys.to_record")(range(3))
 status = main(["status", "--manifest", f"{out}/scp/manifest.json"])
 print(json.dumps({"blocked": blocked, "modules": modules, "text": text, "scp": scp, "status": status,
-                  "torch_loaded": any(m == "torch" or m.startswith("torch.") for m in sys.modules)}))
+                  "heavy_loaded": sorted({m.split(".")[0] for m in sys.modules} & {"torch", "numpy", "jiwer"})}))
 '''
 
 
@@ -63,8 +67,8 @@ def test_core_package_works_where_torch_cannot_be_imported(tmp_path):
     proc = subprocess.run([sys.executable, "-c", JOB, str(tmp_path / "out")], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["blocked"], "the blocker must make `import torch` fail"
-    assert not report["torch_loaded"]
+    assert report["blocked"] == ["torch", "numpy", "jiwer"], "the blocker must make these imports fail"
+    assert report["heavy_loaded"] == []
     assert {"espnet3_rules.cli.main", "espnet3_rules.engine.shard", "espnet3_rules.systems.base.inference_runner"} <= set(report["modules"])
     assert report["text"] == {} and report["status"] == 0
     assert (tmp_path / "out" / "text" / "text").read_text() == fx.expected_text(range(4))

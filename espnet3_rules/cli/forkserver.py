@@ -1,21 +1,36 @@
-"""Warm processes for local runs: a fork server that keeps the imports of earlier commands.
+"""Warm processes for local runs: a fork server that keeps the imports of earlier shards.
 
 Every rule runs one ``python -m espnet3_rules ...`` process, and most of a short
-shard's time is importing the user's stack again (``import torch`` alone takes
-1-2 s), where ESPnet3's Dask workers import it once per worker. Here the first
-command starts a server for its interpreter, working directory and environment;
-it holds the modules that the commands it ran had imported. Each later command
-(the *client*) hands it its argv, working directory, environment and
-stdin/stdout/stderr, and the server forks a child that runs the command just
-as a fresh process would, then sends back the exit status, which the client
-exits with (or the signal that killed the child, which the client dies of).
+shard's time is importing the user's stack again (``import torch`` above all),
+where ESPnet3's Dask workers import it once per worker. Here the first
+``run-shard`` starts a server for its interpreter, working directory and
+environment; it holds the installed modules that the shards it ran had imported.
+Each later ``run-shard`` (the *client*) hands it its argv, working directory,
+environment, umask, resource limits and stdin/stdout/stderr, and the server forks
+a child that becomes that process and runs ``espnet3_rules.cli.main.main(argv)``
+(nothing else: a request names no module), then sends back the exit status,
+which the client exits with (or the signal that killed the child, which the
+client dies of).
 
-- Only the imports are shared: no user code runs in the server, so no env,
-  model or CUDA context is ever inherited, and each shard still builds its env.
+- Only imports of installed code are shared: the server imports (after a shard
+  used them) only modules of the standard library, of site-packages and of
+  ``espnet3_rules``, never the user's own modules (working directory,
+  ``PYTHONPATH``), so no user code runs in it and no env, model or CUDA context is
+  ever inherited. It starts with ``PYTORCH_NVML_BASED_CUDA_CHECK=1``, so that
+  ``torch.cuda.is_available()`` in an import does not initialise CUDA.
+- A child forgets the server's ``atexit`` handlers, sets the client's umask and
+  resource limits, reseeds the global random generators of numpy and torch (as a
+  fresh import would seed them: each child draws its own numbers; Python's
+  ``random`` reseeds itself after a fork), and exits with ``os._exit`` after its
+  own handlers ran.
 - A client that dies (Snakemake cancelling a job) takes its child with it, and
   a child dies with the server (``PR_SET_PDEATHSIG``).
-- A server whose loaded source files changed, or that has started threads,
-  declines, and the command runs in-process. It exits when idle.
+- A server whose loaded source files changed, that has started threads or has
+  CUDA initialised declines, and so does one whose resource limits are below
+  the client's; the command then runs in a fresh process. Shards that ask for
+  GPUs (``--gpus N``) never ask the server. A connection that sends no whole
+  request within :data:`REQUEST_TIMEOUT_S` is dropped without holding up others.
+  The server exits when idle.
 - It is off inside SLURM jobs, off without ``fork``/``pidfd``, and off with
   ``ESPNET3_RULES_FORKSERVER=0``; then every command is a plain process.
 
@@ -32,27 +47,39 @@ import importlib
 import io
 import json
 import os
+import resource
 import selectors
 import signal
+import site
 import socket
 import stat
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from importlib.machinery import ModuleSpec
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 SWITCH_ENV = "ESPNET3_RULES_FORKSERVER"  # "0" turns the fork server off
 IDLE_EXIT_S = 10.0  # a server with no children and no requests for this long exits
 START_TIMEOUT_S = 30.0
+REQUEST_TIMEOUT_S = 5.0  # a connection must have sent its whole request by then
+MAX_REQUEST_BYTES = 1 << 24
+SERVER_ENV = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}  # torch.cuda.is_available() then leaves CUDA uninitialised
 _VOLATILE_ENV = ("_", "OLDPWD", "SHLVL")  # differ between shells without changing what a command does
+# every resource limit this Linux has, by number; RLIMIT_NOFILE over its alias RLIMIT_OFILE
+_RLIMITS = {getattr(resource, name): name for name in sorted(dir(resource), reverse=True) if name.startswith("RLIMIT_")}
+_REQUEST_FIELDS = {"argv": list, "cwd": str, "env": dict, "umask": int, "rlimits": dict}
 _HEADER = struct.Struct("!I")
 _PR_SET_PDEATHSIG = 1
+
+Entry = Callable[[List[str]], Optional[int]]
 
 
 def enabled(environ: Dict[str, str] = os.environ) -> bool:
@@ -98,21 +125,23 @@ def server_dir() -> Path:
 
 
 # --------------------------------------------------------------------------- client
-def run_in_warm_process(module: str, argv: Sequence[str]) -> Optional[int]:
-    """Run ``module.main(argv)`` in a child of the warm server; its exit status.
+def run_in_warm_process(argv: Sequence[str]) -> Optional[int]:
+    """Run ``espnet3_rules.cli.main.main(argv)`` in a child of the warm server; its exit status.
 
-    ``None`` where no server can be used: the caller then runs the command
-    itself. A child killed by a signal makes this process die of the same signal.
+    ``None`` where no server can be used or the command asks for GPUs: the
+    caller then runs the command itself. A child killed by a signal makes this
+    process die of the same signal.
     """
-    if not enabled():
+    if not enabled() or asks_for_gpus(argv):
         return None
     try:
         conn = _connect_or_start(server_dir(), server_key(dict(os.environ)))
     except OSError:
         return None
     with conn:
-        request = json.dumps({"module": module, "argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ)})
-        payload = request.encode("utf-8", "surrogateescape")
+        request = {"argv": [sys.argv[0], *argv], "cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask(),
+                   "rlimits": {name: list(resource.getrlimit(res)) for res, name in _RLIMITS.items()}}
+        payload = json.dumps(request).encode("utf-8", "surrogateescape")
         try:
             socket.send_fds(conn, [_HEADER.pack(len(payload)) + payload], [0, 1, 2])
             reply = _read_message(conn)
@@ -135,6 +164,27 @@ def run_in_warm_process(module: str, argv: Sequence[str]) -> Optional[int]:
             pass  # SIGKILL and SIGSTOP have no handler to reset
         os.kill(os.getpid(), -code)
     return code
+
+
+def asks_for_gpus(argv: Sequence[str]) -> bool:
+    """True where ``argv`` holds ``--gpus N`` with N != 0 (or ``--gpus=N``, or an abbreviation argparse takes)."""
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if len(name) > 2 and "--gpus".startswith(name):
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            try:
+                if int(value) != 0:
+                    return True
+            except ValueError:
+                return True  # argparse will complain; a fresh process says how
+    return False
+
+
+def _umask() -> int:
+    """This process's umask (read by setting it, then back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _connect(sock_path: Path) -> Optional[socket.socket]:
@@ -171,8 +221,9 @@ def _start_server(sock_path: Path) -> None:
     sock_path.unlink(missing_ok=True)  # a dead server's socket; the lock keeps live ones safe
     cmd = [sys.executable, *interpreter_options(), "-m", "espnet3_rules.cli.forkserver", str(sock_path)]
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=dict(os.environ, **SERVER_ENV),
+    )  # fmt: skip
     assert proc.stdout is not None
     with proc.stdout:
         ready = selectors.DefaultSelector()
@@ -211,6 +262,35 @@ def _send_message(conn: socket.socket, message: dict) -> None:
 
 # --------------------------------------------------------------------------- server
 @dataclass
+class _Pending:
+    """A connection whose request has not all arrived yet."""
+
+    conn: socket.socket
+    deadline: float
+    data: bytearray = field(default_factory=bytearray)
+    fds: List[int] = field(default_factory=list)
+
+    def read(self) -> Optional[bytes]:
+        """Read what arrived; the request's body once it is whole. OSError or ValueError for a bad one."""
+        chunk, fds, _, _ = socket.recv_fds(self.conn, 1 << 16, 3)
+        self.fds += fds
+        if not chunk:
+            raise OSError("the client closed the connection mid-request")
+        self.data += chunk
+        if len(self.data) < _HEADER.size:
+            return None
+        end = _HEADER.size + _HEADER.unpack_from(self.data)[0]
+        if end > MAX_REQUEST_BYTES:
+            raise ValueError("request too large")
+        return bytes(self.data[_HEADER.size : end]) if len(self.data) >= end else None
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.conn.close()
+
+
+@dataclass
 class _Child:
     """A forked command: its client connection and the module names it reports at exit."""
 
@@ -233,18 +313,21 @@ class _Child:
 
 
 class ForkServer:
-    """Accept commands on a Unix socket and run each in a forked child."""
+    """Accept commands on a Unix socket and run each as ``entry(argv)`` in a forked child."""
 
-    def __init__(self, sock_path: Path):
+    def __init__(self, sock_path: Path, entry: Entry):
         self.sock_path = sock_path
+        self.entry = entry
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(sock_path))
         self.listener.listen(64)
         self.inode = sock_path.stat().st_ino
         self.selector = selectors.DefaultSelector()
-        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(self.listener, selectors.EVENT_READ, ("accept", 0))
+        self.pending: Dict[int, _Pending] = {}
         self.children: Dict[int, _Child] = {}
         self.mtimes: Dict[str, float] = {}
+        self.cold: Set[str] = set()  # modules a preload could not import
         self.decline: Optional[str] = None
         self.last_activity = time.monotonic()
         self._note_module_files()
@@ -252,60 +335,90 @@ class ForkServer:
     def serve(self) -> None:
         """Serve until idle for :data:`IDLE_EXIT_S`, or until the code changed and no child is left."""
         while True:
-            timeout = IDLE_EXIT_S - (time.monotonic() - self.last_activity)
-            if not self.children and (timeout <= 0 or (self.decline and self.listener.fileno() < 0)):
+            now = time.monotonic()
+            self._drop_stalled(now)
+            idle = not self.children and not self.pending
+            if idle and (now - self.last_activity >= IDLE_EXIT_S or (self.decline and self.listener.fileno() < 0)):
                 break
-            events = self.selector.select(max(timeout, 0.1) if not self.children else None)
+            deadlines = [p.deadline for p in self.pending.values()]
+            if not self.children:
+                deadlines.append(self.last_activity + IDLE_EXIT_S)
+            events = self.selector.select(max(min(deadlines) - now, 0.1) if deadlines else None)
             for key, _ in events:
-                kind = key.data[0] if isinstance(key.data, tuple) else key.data
+                if self.selector.get_map().get(key.fd) is not key:
+                    continue  # unregistered by an earlier event of this batch (a reaped child's report)
+                kind, ident = key.data
                 if kind == "accept":
                     self._accept()
+                elif kind == "request":
+                    self._read_request(ident)
                 elif kind == "report":
-                    self._read_report(key.data[1])
+                    self._read_report(ident)
                 elif kind == "exit":
-                    self._reap(key.data[1])
+                    self._reap(ident)
                 elif kind == "client":
-                    self._client_gone(key.data[1])
+                    self._client_gone(ident)
             if events:
                 self.last_activity = time.monotonic()
         self._close_listener()
 
     # ----------------------------------------------------------- requests
     def _accept(self) -> None:
-        conn, _ = self.listener.accept()
-        conn.settimeout(10.0)
-        fds: List[int] = []
+        """Take a connection; its request is read as it arrives, beside everything else."""
         try:
-            first, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
-            size = _HEADER.unpack(first[: _HEADER.size])[0]
-            body = first[_HEADER.size :]
-            while len(body) < size:
-                chunk = conn.recv(size - len(body))
-                if not chunk:
-                    raise OSError("short request")
-                body += chunk
-            request = json.loads(body.decode("utf-8", "surrogateescape"))
-        except (OSError, ValueError, struct.error):
-            for fd in fds:
-                os.close(fd)
-            conn.close()
+            conn, _ = self.listener.accept()
+        except OSError:
             return
-        reason = self.decline or self._why_not_fork(fds)
+        conn.setblocking(False)
+        self.pending[conn.fileno()] = _Pending(conn, time.monotonic() + REQUEST_TIMEOUT_S)
+        self.selector.register(conn, selectors.EVENT_READ, ("request", conn.fileno()))
+
+    def _drop_stalled(self, now: float) -> None:
+        for fd in [fd for fd, pending in self.pending.items() if pending.deadline <= now]:
+            self._forget_pending(fd).close()
+
+    def _forget_pending(self, fd: int) -> _Pending:
+        pending = self.pending.pop(fd)
+        self.selector.unregister(pending.conn)
+        return pending
+
+    def _read_request(self, fd: int) -> None:
+        try:
+            body = self.pending[fd].read()
+        except BlockingIOError:
+            return
+        except (OSError, ValueError):
+            self._forget_pending(fd).close()
+            return
+        if body is None:
+            return
+        pending = self._forget_pending(fd)
+        try:
+            request = _parse_request(body)
+        except ValueError as exc:
+            self._refuse(pending, str(exc))
+            return
+        reason = self.decline or self._why_not_fork(request, pending.fds)
         if reason:
-            for fd in fds:
-                os.close(fd)
-            _send_message(conn, {"decline": reason})
-            conn.close()
+            self._refuse(pending, reason)
             if self.decline:
                 self._close_listener()
             return
-        self._fork(conn, request, fds)
+        self._fork(pending.conn, request, pending.fds)
 
-    def _why_not_fork(self, fds: List[int]) -> Optional[str]:
+    def _refuse(self, pending: _Pending, reason: str) -> None:
+        _send_message(pending.conn, {"decline": reason})
+        pending.close()
+
+    def _why_not_fork(self, request: dict, fds: List[int]) -> Optional[str]:
         if len(fds) != 3:
             return "stdin/stdout/stderr were not passed"
+        if not _limits_fit(request["rlimits"]):
+            return "the client's resource limits exceed the server's"
         if threading.active_count() > 1:
             self.decline = "the server has threads; forking it is unsafe"
+        elif _cuda_initialized():
+            self.decline = "CUDA is initialised in the server"
         elif self._sources_changed():
             self.decline = "source files changed since they were imported"
         return self.decline
@@ -315,7 +428,7 @@ class ForkServer:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns
             os.close(report_r)
-            _child_main(request, fds, report_w)
+            _child_main(self.entry, request, fds, report_w)
         os.close(report_w)
         for fd in fds:
             os.close(fd)
@@ -337,6 +450,8 @@ class ForkServer:
         child = self.children[pid]
         try:
             ended = not child.conn.recv(1 << 10)
+        except BlockingIOError:
+            return
         except OSError:
             ended = True
         self.selector.unregister(child.conn)
@@ -367,14 +482,19 @@ class ForkServer:
 
     # ----------------------------------------------------- warm modules
     def _preload(self, names: Sequence[str]) -> None:
-        """Import what a child imported (in its order), so later children start with it."""
-        for name in names:
-            if name in sys.modules or name.startswith("__") or "__main__" in name:
-                continue
-            try:
-                importlib.import_module(name)
-            except BaseException:  # noqa: BLE001 - a module that only imports in context stays cold
-                sys.modules.pop(name, None)
+        """Import the installed modules a child imported (in its order), so later children start with them."""
+        guard = _InstalledOnly()
+        sys.meta_path.insert(0, guard)
+        try:
+            for name in names:
+                if name in sys.modules or name in self.cold or name.startswith("__") or "__main__" in name:
+                    continue
+                try:
+                    importlib.import_module(name)
+                except BaseException:  # noqa: BLE001 - user code, or a module that only imports in context: cold
+                    self.cold.add(name)
+        finally:
+            sys.meta_path.remove(guard)
         self._note_module_files()
 
     def _note_module_files(self) -> None:
@@ -408,10 +528,86 @@ class ForkServer:
             pass
 
 
-def _child_main(request: dict, fds: List[int], report_w: int) -> None:
+def _parse_request(body: bytes) -> dict:
+    """The request in ``body``: exactly the fields a client sends; ValueError otherwise."""
+    request = json.loads(body.decode("utf-8", "surrogateescape"))
+    if not isinstance(request, dict) or set(request) != set(_REQUEST_FIELDS):
+        raise ValueError(f"malformed request: the fields must be {sorted(_REQUEST_FIELDS)}")
+    if not all(isinstance(request[name], kind) for name, kind in _REQUEST_FIELDS.items()):
+        raise ValueError("malformed request: a field of the wrong type")
+    known = set(_RLIMITS.values())
+    if not request["argv"] or not all(isinstance(arg, str) for arg in request["argv"]):
+        raise ValueError("malformed request: argv must be a list of strings")
+    if not all(isinstance(v, str) for v in request["env"].values()):
+        raise ValueError("malformed request: env must map names to strings")
+    for name, limit in request["rlimits"].items():
+        if name not in known or not isinstance(limit, list) or len(limit) != 2:
+            raise ValueError(f"malformed request: rlimit {name}")
+    return request
+
+
+def _limits_fit(rlimits: Dict[str, List[int]]) -> bool:
+    """True where a child of this server can take each of the client's resource limits (no hard limit raised)."""
+    for name, (_, hard) in rlimits.items():
+        ours = resource.getrlimit(getattr(resource, name))[1]
+        if ours != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > ours):
+            return False
+    return True
+
+
+def _cuda_initialized() -> bool:
+    """True where the server's torch has CUDA initialised: a forked child could not use it."""
+    torch = sys.modules.get("torch")
+    try:
+        return torch is not None and bool(torch.cuda.is_initialized())
+    except Exception:  # noqa: BLE001 - a torch without torch.cuda: assume the worst
+        return True
+
+
+class _UserCode(BaseException):
+    """Raised into a preload that reached a module outside :func:`installed_roots` (no ``except Exception`` hides it)."""
+
+
+class _InstalledOnly:
+    """Meta path finder for preloads: finds modules as the others do, but refuses any outside installed code."""
+
+    def __init__(self) -> None:
+        self.roots = installed_roots()
+
+    def find_spec(self, name: str, path: Optional[Sequence[str]], target: object = None) -> Optional[ModuleSpec]:
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            if finder is self or find_spec is None:
+                continue
+            spec = find_spec(name, path, target)
+            if spec is not None:
+                if not self._installed(spec):
+                    raise _UserCode(name)
+                return spec
+        return None
+
+    def _installed(self, spec: ModuleSpec) -> bool:
+        if spec.origin in ("built-in", "frozen"):
+            return True
+        paths = [spec.origin] if spec.has_location and spec.origin else list(spec.submodule_search_locations or [])
+        return bool(paths) and all(os.path.realpath(p).startswith(self.roots) for p in paths)
+
+
+def installed_roots() -> Tuple[str, ...]:
+    """Directories whose modules the server may import: the standard library, site-packages, ``espnet3_rules``."""
+    paths = {sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")}
+    paths.update(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        paths.add(site.getusersitepackages())
+    paths.add(str(Path(__file__).resolve().parents[1]))
+    return tuple(os.path.join(os.path.realpath(p), "") for p in paths)
+
+
+def _child_main(entry: Entry, request: dict, fds: List[int], report_w: int) -> None:
     """In the forked child: become the client's process, run the command, report, exit."""
     code = 1
     try:
+        _fresh_atexit()
         os.setpgid(0, 0)
         _die_with_parent()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
@@ -420,12 +616,16 @@ def _child_main(request: dict, fds: List[int], report_w: int) -> None:
             os.dup2(fd, std_fd)
         os.closerange(3, report_w)  # the server's sockets, pidfds and pipes, and the passed originals
         os.closerange(report_w + 1, 1 << 20)
+        os.umask(request["umask"])
+        for name, limit in request["rlimits"].items():
+            resource.setrlimit(getattr(resource, name), tuple(limit))
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
         _reopen_std_streams(request["env"])
-        sys.argv = [request["module"], *request["argv"]]
-        code = importlib.import_module(request["module"]).main(request["argv"])
+        _reseed_global_generators()
+        sys.argv = list(request["argv"])
+        code = entry(sys.argv[1:])
     except SystemExit as exc:
         code = exc.code
     except BaseException:  # noqa: BLE001 - as an uncaught exception in a fresh process
@@ -444,6 +644,22 @@ def _child_main(request: dict, fds: List[int], report_w: int) -> None:
             report.write("\n".join(sys.modules))
     finally:
         os._exit(code)
+
+
+def _reseed_global_generators() -> None:
+    """Fresh entropy for the global generators that the server imported (a fork copies their state)."""
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    if "torch" in sys.modules:
+        sys.modules["torch"].seed()  # CUDA's generators are seeded lazily: CUDA is not initialised here
+
+
+def _fresh_atexit() -> None:
+    """Drop the server's ``atexit`` handlers but the stdlib's per-process ones that a fresh import would register."""
+    atexit._clear()
+    for module, handler in (("logging", "shutdown"), ("multiprocessing.util", "_exit_function")):
+        if module in sys.modules:  # imported in the server, so the child's import will not register it
+            atexit.register(getattr(sys.modules[module], handler))
 
 
 def _die_with_parent() -> None:
@@ -473,20 +689,26 @@ def _reopen_std_streams(env: Dict[str, str]) -> None:
         setattr(sys, f"__{name}__", stream)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m espnet3_rules.cli.forkserver SOCKET``: serve until idle."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m espnet3_rules.cli.forkserver SOCKET", file=sys.stderr)
-        return 2
-    importlib.import_module("espnet3_rules.cli.main")
-    server = ForkServer(Path(args[0]))
+def serve(sock_path: Path, entry: Entry) -> None:
+    """Listen on ``sock_path``, say ``ready`` on stdout, then run requests as ``entry(argv)`` until idle."""
+    server = ForkServer(sock_path, entry)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 1)
     os.close(devnull)
     server.serve()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m espnet3_rules.cli.forkserver SOCKET``: serve ``espnet3_rules.cli.main.main`` until idle."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m espnet3_rules.cli.forkserver SOCKET", file=sys.stderr)
+        return 2
+    from espnet3_rules.cli.main import main as cli_main
+
+    serve(Path(args[0]), cli_main)
     return 0
 
 

@@ -161,7 +161,7 @@ def check_classes(job: JobSpec) -> None:
             f"jobs.{job.name}.params given, but {provider_cls.__name__}.__init__ takes no params argument"
         )
     try:
-        inspect.signature(runner_cls).bind(None, **runner_arguments(job))
+        inspect.signature(runner_cls.__init__).bind(None, None, **runner_arguments(job))  # self, provider
     except TypeError as exc:
         raise ContractError(f"jobs.{job.name}.runner_kwargs do not fit {runner_cls.__name__}: {exc}") from None
     keys = declared_env_keys(job, provider_cls)

@@ -244,7 +244,8 @@ class BaseRunner(ABC):
             shard_subdir=self.shard_subdir,
             n_shards=self.n_shards,
             batch_size=self.batch_size,
-            provider_config=jsonable(getattr(provider, "config", None) or {}),
+            # as given: an InferenceProvider merges its params into its config
+            provider_config=getattr(provider, "_given_config", None) or jsonable(getattr(provider, "config", None) or {}),
             params=jsonable(getattr(provider, "params", None) or {}),
             runner_kwargs=dict(self._options),
         )

@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, Dict, Mapping, Optional, Set
 
 from espnet3_rules.engine.contracts import ContractError
+from espnet3_rules.engine.plan import jsonable
 
 
 class EnvironmentProvider(ABC):
@@ -25,6 +26,13 @@ class EnvironmentProvider(ABC):
         config: Configuration used to build the environment (a mapping; the CLI
             passes an OmegaConf ``DictConfig`` built from the YAML job config).
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "EnvironmentProvider":
+        """Record the config as given (a plain-data copy), before any subclass changes it."""
+        provider = super().__new__(cls)
+        config = args[0] if args else kwargs.get("config")
+        provider._given_config = jsonable(config if config is not None else {})
+        return provider
 
     def __init__(self, config: Any = None):
         """Keep the configuration used to build the environment."""

@@ -1,37 +1,46 @@
-"""Providers, runners and helpers for the core engine tests.
+"""Providers, runners and helpers of the unit-tier tests (one module; shard processes import it by name).
 
-Everything here is importable by name (``core_fixtures.X``), so shard processes
-started through ``python -m espnet3_rules run-shard`` can rebuild the runner and
-provider of a manifest. Probes that must not change a plan's fingerprint (kill or
-fail at item k) are read from environment variables; probes that count work
-(``calls_file``, ``log_dir``) append one line per event to a file.
+Everything here is importable by name (``toys.X``), so shard and merge processes
+started through ``python -m espnet3_rules`` can rebuild the runner and provider of a
+manifest. Probes that must not change a plan's fingerprint (kill or fail at item k)
+are read from environment variables; probes that count work (``calls_file``,
+``log_dir``) append one line per event to a file.
+
+Names stay clear of the workflow-tier toys (``wf_toy``, ``inference_toy``): the
+utterance provider here is :class:`SampleProvider` (``wf_toy.WordsProvider`` is
+another one); :class:`SelfRunner` plays the same part as ``wf_toy.SelfRunner``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 
 import espnet3_rules
 from espnet3_rules import BaseRunner, EnvironmentProvider, InferenceProvider
+from espnet3_rules.engine.plan import ShardPlan, make_plan
+from espnet3_rules.engine.shard import load_state
 
 TESTS = Path(__file__).resolve().parent
 #: The checkout whose ``espnet3_rules`` this test process imported; subprocesses use the same one.
 REPO = Path(espnet3_rules.__file__).resolve().parents[1]
 
-KILL_AT = "CORE_FIXTURES_KILL_AT"
-FAIL_AT = "CORE_FIXTURES_FAIL_AT"
+KILL_AT = "TOYS_KILL_AT"
+FAIL_AT = "TOYS_FAIL_AT"
 
 
 # ------------------------------------------------------------------ probes
 def maybe_die(idx: Any) -> None:
-    """SIGKILL this process at item ``$CORE_FIXTURES_KILL_AT``; raise at ``$CORE_FIXTURES_FAIL_AT``."""
+    """SIGKILL this process at item ``$TOYS_KILL_AT``; raise at ``$TOYS_FAIL_AT``."""
     if os.environ.get(KILL_AT) == str(idx):
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get(FAIL_AT) == str(idx):
@@ -105,8 +114,11 @@ def words_env(config: Any) -> Dict[str, Any]:
     return env
 
 
-class WordsProvider(EnvironmentProvider):
-    """A plain provider written like ESPnet3's docs (local and worker builds)."""
+class SampleProvider(EnvironmentProvider):
+    """A plain provider written like ESPnet3's docs (local and worker builds) over ``words_dataset(n)``.
+
+    Not ``wf_toy.WordsProvider`` (config ``n_items``/``poison_dir``, dataset of strings).
+    """
 
     def build_env_local(self):
         return words_env(self.config)
@@ -118,10 +130,6 @@ class WordsProvider(EnvironmentProvider):
             return words_env(config)
 
         return setup
-
-
-class OtherWordsProvider(WordsProvider):
-    """Same env as WordsProvider, another class (its import path is part of the plan)."""
 
 
 class LegacyProvider(EnvironmentProvider):
@@ -147,14 +155,15 @@ class LocalOnlyProvider(EnvironmentProvider):
         return words_env(self.config)
 
 
-class DictSetupProvider(WordsProvider):
-    """Common mistake: ``build_worker_setup_fn`` returns the env instead of a setup function."""
+class DictSetupProvider(SampleProvider):
+    """Common mistake: ``build_worker_setup_fn`` returns the env instead of a setup function
+    (a fixed env: works with any provider config)."""
 
     def build_worker_setup_fn(self):
-        return words_env(self.config)
+        return {"dataset": [], "model": None}
 
 
-class ArgSetupProvider(WordsProvider):
+class ArgSetupProvider(SampleProvider):
     """Mistake: the setup function takes an argument."""
 
     def build_worker_setup_fn(self):
@@ -164,7 +173,7 @@ class ArgSetupProvider(WordsProvider):
         return setup
 
 
-class IterProvider(WordsProvider):
+class IterProvider(SampleProvider):
     """Local env whose dataset is an iterator (no ``len()``)."""
 
     def build_env_local(self):
@@ -174,10 +183,11 @@ class IterProvider(WordsProvider):
 
 
 class RenamedProvider(EnvironmentProvider):
-    """Common mistake from the docs: env keys ``ds``/``net`` while forward wants ``dataset``/``model``."""
+    """Common mistake from the docs: env keys ``ds``/``net`` while forward wants ``dataset``/``model``
+    (``n`` samples, default 2: works with any provider config)."""
 
     def build_env_local(self):
-        return {"ds": words_dataset(int(self.config["n"])), "net": shout}
+        return {"ds": words_dataset(int(self.config.get("n", 2))), "net": shout}
 
     def build_worker_setup_fn(self):
         return self.build_env_local
@@ -186,7 +196,8 @@ class RenamedProvider(EnvironmentProvider):
 class DeclaredRenamedProvider(RenamedProvider):
     """RenamedProvider that declares its env keys, so the plan step can check them."""
 
-    def declared_env_keys(self):
+    @classmethod
+    def declared_env_keys(cls, params):
         return {"ds", "net"}
 
 
@@ -301,6 +312,41 @@ class OtherCollectRunner(CollectRunner):
     """Same forward as CollectRunner, another class."""
 
 
+class ClassForwardRunner(CollectRunner):
+    """``forward`` as a @classmethod (ESPnet3 202611 allows it): it reaches a class attribute."""
+
+    tag = "cls"
+
+    @classmethod
+    def forward(cls, idx, dataset, model, **env):
+        note_call(env, idx)
+        return {"idx": idx, "by": cls.__name__, "tag": cls.tag, "hyp": model(dataset[idx])}
+
+
+class BeamRunner(BaseRunner):
+    """A runner with its own constructor option ``beam``: forward gets it from the env, merge from ``self``.
+
+    ``forward`` logs ``<idx> beam=<beam>`` to ``calls_file``; ``merge`` writes ``<root>/merged``
+    (one line per record, then ``merge beam=<beam>``) and returns the records and its beam.
+    """
+
+    def __init__(self, provider, beam=1, **kwargs):
+        super().__init__(provider, **kwargs)
+        self.beam = beam
+
+    @staticmethod
+    def forward(idx, dataset, model, beam=1, **env):
+        note_call(env, f"{idx} beam={beam}")
+        return {"idx": idx, "beam": beam, "hyp": model(dataset[idx]) * beam}
+
+    def merge(self, shard_dirs):
+        records = super().merge(shard_dirs)
+        root = self.output_dir / self.shard_subdir if self.shard_subdir else self.output_dir
+        lines = [f"{r['idx']} beam={r['beam']} {r['hyp']}" for r in records] + [f"merge beam={self.beam}"]
+        (root / "merged").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        return {"records": records, "merge_beam": self.beam}
+
+
 class BatchRunner(BaseRunner):
     """Batch-aware forward as in the docs: one index, or a list of indices when batch_size is set."""
 
@@ -345,7 +391,7 @@ class NeedsDeviceRunner(BaseRunner):
 
 
 class SelfRunner(BaseRunner):
-    """Common mistake from the docs: forward capturing self."""
+    """Common mistake from the docs: forward capturing self (the part ``wf_toy.SelfRunner`` plays there)."""
 
     def forward(self, idx, dataset, model, **env):  # deliberately not a staticmethod
         return model(dataset[idx])
@@ -360,10 +406,33 @@ class UnpicklableRunner(BaseRunner):
 
 
 # ---------------------------------------------------------------- helpers
+def plan_of(runner: BaseRunner, indices: Any) -> ShardPlan:
+    """The plan ``runner(indices)`` makes (without running or writing anything)."""
+    return make_plan(runner.job_spec(), list(indices))
+
+
+def state_of(shard_dir: Any) -> Dict[str, Any]:
+    """The saved state of a finished shard."""
+    return load_state(Path(shard_dir))
+
+
+def run_main(*args: Any, check: bool = True) -> SimpleNamespace:
+    """``espnet3_rules.cli.main.main(args)`` in this process: ``returncode``, ``stdout``, ``stderr``
+    (the CLI's code without an interpreter start; :func:`cli` runs it as the rules do)."""
+    from espnet3_rules.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    if check and code != 0:
+        raise AssertionError(f"exit {code}\n{out.getvalue()}{err.getvalue()}")
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def cli(
     *args: Any, env: Optional[Mapping[str, str]] = None, path: Sequence[Any] = (), check: bool = True
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m espnet3_rules *args`` with this checkout, the fixtures and ``path`` importable."""
+    """Run ``python -m espnet3_rules *args`` with this checkout, the toys and ``path`` importable."""
     proc_env = dict(os.environ)
     proc_env.pop(KILL_AT, None)
     proc_env.pop(FAIL_AT, None)
