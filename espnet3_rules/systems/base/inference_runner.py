@@ -202,6 +202,8 @@ class InferenceRunner(BaseRunner):
             ``{"type": "npy"}`` (arrays' default), ``{"type": "wav", "sample_rate": 16000}``,
             ``{"type": "json"}`` / ``{"type": "pickle"}``, or ``{"writer": "pkg.mod.func"}``
             called as ``func(value, path_without_suffix, **other_keys)`` -> written path.
+        hyp_key: Hypothesis key(s), as ESPnet3's ``infer()`` passes them (kept; not yet checked when writing).
+        ref_key: Reference key(s), likewise.
         **kwargs: BaseRunner arguments (``output_dir``, ``batch_size``, ...).
 
     The static hooks read these settings from the env, as ESPnet3's do: a provider
@@ -217,6 +219,8 @@ class InferenceRunner(BaseRunner):
         output_fn: Optional[str] = None,
         model_kwargs: Optional[Mapping[str, Any]] = None,
         output_artifacts: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        hyp_key: Sequence[str] | str = "hyp",
+        ref_key: Sequence[str] | str = "ref",
         **kwargs: Any,
     ):
         """Keep the settings and check them (``output_fn`` importable, artifact writers, ``input_key`` given)."""
@@ -231,6 +235,8 @@ class InferenceRunner(BaseRunner):
         self.output_fn = output_fn
         self.model_kwargs = dict(model_kwargs or {})
         self.output_artifacts = output_artifacts or None
+        self.hyp_key = hyp_key if isinstance(hyp_key, str) else list(hyp_key)
+        self.ref_key = ref_key if isinstance(ref_key, str) else list(ref_key)
         if output_fn is not None and not callable(import_object(output_fn, "output_fn")):
             raise ContractError(f"output_fn {output_fn!r} is not callable")
         resolve_artifact_configs(output_artifacts)
