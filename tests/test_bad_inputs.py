@@ -178,21 +178,16 @@ RUNTIME_CASES = [
      "zero-argument setup function"),
     ("provider-init-raises", {**TEXT_JOB, "provider": "wf_toy.BrokenInitProvider"},
      "plan", "RuntimeError: BrokenInitProvider cannot reach its model store"),
-    ("nondict", {**INFERENCE_JOB, "runner_kwargs": {"input_key": "text", "output_fn": "wf_toy.not_a_dict"}},
-     "split.0", "split.0 item 0: InferenceRunner result must be a dict (or a list of dicts), got str: 'W0000'"),
-    ("noid", {**INFERENCE_JOB, "runner_kwargs": {"input_key": "text", "output_fn": "wf_toy.no_id"}},
-     "split.0", "split.0 item 0: InferenceRunner result has no id key 'utt_id' (keys: ['hyp'])"),
-    ("newline", {**INFERENCE_JOB, "runner_kwargs": {"input_key": "text", "output_fn": "wf_toy.two_lines"}},
-     "split.0", "split.0 item 0: field 'hyp' of 'utt0' contains a newline; scp values must be one line"),
+    # InferenceRunner's result and merge checks: their messages are asserted in test_inference_runner; here
+    # that they end the log as one line, after the shard and item (a later shard's: the earlier one is done)
     ("space-in-id", {**INFERENCE_JOB, "provider_config": {"ids": ["u0", "u1", "u 2", "u3"]}},
-     "split.1", "split.1 item 2: output utt_id='u 2' is not a safe id (it contains whitespace)"),
+     "split.1", "split.1 item 2: "),
     ("env-name-mismatch", {**TEXT_JOB, "provider": "wf_toy.RenamedProvider"},
      "split.0", "TextRunner.forward needs 'dataset', 'model' but RenamedProvider's env provides ["),
     ("forward-raises", {**TEXT_JOB, "n_shards": 2},
      "split.1", "split.1 item 3: RuntimeError: poisoned item 3"),
     ("duplicate-ids", {**INFERENCE_JOB, "provider_config": {"ids": ["u0", "u1", "u0", "u1"]}},
-     "merge", "id 'u0' appears in both results/duplicate-ids/split.0/hyp.scp and results/duplicate-ids/split.1/hyp.scp; "
-     "ids must be unique"),
+     "merge", ""),
 ]
 
 
@@ -222,6 +217,8 @@ def test_runtime_mistake_ends_its_log_with_one_line(runtime_run, name, entry, st
         assert not (root / "manifest.json").exists() and not list(root.glob("split.*"))
     elif step != "split.0":  # the shards before the failing one (all of them for a failed merge) are done
         assert (root / "split.0" / "done").exists()
+    if step == "merge":
+        assert not list(root.glob("*.scp")), "no merged file is put in place by a merge that fails its checks"
     assert_kept(before, wf.path)
 
 
