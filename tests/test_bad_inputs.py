@@ -86,15 +86,8 @@ DRY_RUN_CASES = [
     ("runner-not-an-import-path", jobs(runner="TextRunner"), {}, "config: jobs.a.runner: 'TextRunner' does not match"),
     ("provider-not-a-provider", jobs(provider="wf_toy.TextRunner"), {},
      "jobs.a.provider 'wf_toy.TextRunner' is not an EnvironmentProvider class (no build_env_local)"),
-    pytest.param(
-        "runner-kwargs-unknown", jobs(runner_kwargs={"beam": 3}), {},
-        "jobs.a.runner_kwargs do not fit TextRunner: BaseRunner.__init__() got an unexpected keyword argument 'beam'",
-        marks=pytest.mark.xfail(strict=True, reason=(
-            "package bug: engine.job.check_classes binds runner_kwargs to inspect.signature(runner_cls), which is "
-            "BaseRunner.__new__'s (*args, **kwargs), so it never refuses a kwarg; cli.config.check_runner_options "
-            "then swallows the TypeError. README says dry-run refuses runner_kwargs the constructor does not take; "
-            "only the plan rule does")),
-    ),
+    ("runner-kwargs-unknown", jobs(runner_kwargs={"beam": 3}), {},
+     "jobs.a.runner_kwargs do not fit TextRunner: got an unexpected keyword argument 'beam'"),
     ("params-not-accepted", jobs(params={"beam": 3}), {},
      "jobs.a.params given, but WordsProvider.__init__ takes no params argument"),
     ("forward-not-static", jobs(runner="wf_toy.SelfRunner"), {}, "SelfRunner.forward must be a @staticmethod"),
@@ -128,16 +121,7 @@ DRY_RUN_CASES = [
 ]
 
 
-def case_params(cases):
-    """``pytest.param`` per case, its first value the id (a case may be a ``pytest.param`` with marks)."""
-    params = []
-    for case in cases:
-        values, marks = (case.values, case.marks) if hasattr(case, "values") else (case, ())
-        params.append(pytest.param(*values[1:], id=values[0], marks=marks))
-    return params
-
-
-@pytest.mark.parametrize("config, files, expected", case_params(DRY_RUN_CASES))
+@pytest.mark.parametrize("config, files, expected", [c[1:] for c in DRY_RUN_CASES], ids=[c[0] for c in DRY_RUN_CASES])
 def test_bad_config_fails_the_dry_run(finished, snakemake_server, tmp_path, config, files, expected):
     wf = copy_of(finished, tmp_path)
     text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
