@@ -4,13 +4,14 @@
 
 - POINT is a toy-runner hook (``open_writers``, ``forward``, ``write_record``, ``close_writers``,
   ``merge``, ``output_fn``) that calls :func:`at` / :func:`write`, or an engine call patched by
-  :func:`install`: ``dump`` (``json.dump``), ``copy`` (``os.copy_file_range`` and
-  ``shutil.copyfileobj``: one call per fragment appended), ``replace`` /
+  :func:`install`: ``write_text`` (``Path.write_text``: the engine's JSON records ``manifest.json``,
+  ``done`` and ``merge.done``, and ``field_keys.txt``, each into its temp file), ``copy``
+  (``os.copy_file_range`` and ``shutil.copyfileobj``: one call per fragment appended), ``replace`` /
   ``replaced`` (before / after ``os.replace``).
 - GLOB is matched (fnmatch) against the path the point writes; temp files ``.NAME.tmp.PID`` count as NAME.
 - N picks the N-th matching call in the process (default 1).
 
-Writes (``dump``, ``copy``, ``write_record``, ``merge``) are torn: half the data is written and
+Writes (``write_text``, ``copy``, ``write_record``, ``merge``) are torn: half the data is written and
 flushed before the kill. ``tests/faultsite/sitecustomize.py`` calls :func:`install` in every
 Python process started with that directory on ``PYTHONPATH`` and ``ESPNET3_RULES_FAULT`` set.
 """
@@ -18,8 +19,8 @@ Python process started with that directory on ``PYTHONPATH`` and ``ESPNET3_RULES
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -101,13 +102,18 @@ def write(handle: Any, data: Any, point: str) -> None:
 
 
 def install() -> None:
-    """Patch ``json.dump``, ``shutil.copyfileobj`` and ``os.replace`` with fault points."""
-    dump, copy, replace = json.dump, shutil.copyfileobj, os.replace
+    """Patch ``Path.write_text``, ``shutil.copyfileobj``, ``os.copy_file_range`` and ``os.replace``
+    with fault points."""
+    write_text, copy, replace = pathlib.Path.write_text, shutil.copyfileobj, os.replace
 
-    def faulty_dump(obj: Any, fp: Any, *args: Any, **kwargs: Any) -> None:
-        if not hit_name("dump", fp):
-            return dump(obj, fp, *args, **kwargs)
-        write(fp, json.dumps(obj, *args, **kwargs), "dump")
+    def faulty_write_text(path: Path, data: str, encoding: Any = None, errors: Any = None, newline: Any = None) -> int:
+        if not hit("write_text", path):
+            return write_text(path, data, encoding=encoding, errors=errors, newline=newline)
+        with open(path, "w", encoding=encoding, errors=errors, newline=newline) as handle:
+            handle.write(data[: len(data) // 2])  # torn: half the text reaches the file
+            handle.flush()
+            die()
+        return 0
 
     def faulty_copy(fsrc: Any, fdst: Any, length: int = 0) -> None:
         if not hit_name("copy", fdst):
@@ -119,7 +125,7 @@ def install() -> None:
         replace(src, dst, *args, **kwargs)
         at("replaced", dst)
 
-    json.dump, shutil.copyfileobj, os.replace = faulty_dump, faulty_copy, faulty_replace
+    pathlib.Path.write_text, shutil.copyfileobj, os.replace = faulty_write_text, faulty_copy, faulty_replace
     copy_range = getattr(os, "copy_file_range", None)
     if copy_range is None:
         return

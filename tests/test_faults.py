@@ -171,21 +171,21 @@ KILL_POINTS = [
     KillPoint("t", "shard", "close_writers", "*/t/split.1"),
     KillPoint("t", "shard", "replace", "*/t/split.1/_state.pkl"),
     KillPoint("t", "shard", "replaced", "*/t/split.1/_state.pkl"),
-    KillPoint("t", "shard", "dump", "*/t/split.1/done"),
+    KillPoint("t", "shard", "write_text", "*/t/split.1/done"),
     KillPoint("t", "shard", "replace", "*/t/split.1/done"),
     KillPoint("t", "shard", "replaced", "*/t/split.1/done", survives=True),
     KillPoint("t", "shard", "forward", "*/t/item.4", prior=True),
     # shard 1 of the InferenceRunner job
     KillPoint("u", "shard", "output_fn", "item.4"),
     KillPoint("u", "shard", "replace", "*/u/split.1/field_keys.txt"),
-    KillPoint("u", "shard", "dump", "*/u/split.1/done"),
+    KillPoint("u", "shard", "write_text", "*/u/split.1/done"),
     # the plan, with and without a manifest from before
-    KillPoint("t", "plan", "dump", "*/t/manifest.json"),
-    KillPoint("t", "plan", "dump", "*/t/manifest.json", prior=True),
+    KillPoint("t", "plan", "write_text", "*/t/manifest.json"),
+    KillPoint("t", "plan", "write_text", "*/t/manifest.json", prior=True),
     KillPoint("t", "plan", "replace", "*/t/manifest.json", prior=True),
     # the merge: the toy's own (non-atomic) writer, then InferenceRunner's atomic concatenation
     KillPoint("t", "merge", "merge", "*/t/text", 2),
-    KillPoint("t", "merge", "dump", "*/t/merge.done"),
+    KillPoint("t", "merge", "write_text", "*/t/merge.done"),
     KillPoint("u", "merge", "copy", "*/u/hyp.scp", 1),
     KillPoint("u", "merge", "copy", "*/u/hyp.scp", 3),
     KillPoint("u", "merge", "replace", "*/u/hyp.scp"),
@@ -274,11 +274,11 @@ E2E_JOBS = {
 }
 E2E_FAULTS = [
     faults.spec("write_record", "results/a/split.0/text", 2),  # torn line mid-shard
-    faults.spec("dump", "results/a/split.1/done"),  # torn done
+    faults.spec("write_text", "results/a/split.1/done"),  # torn done
     faults.spec("open_writers", "my results/b ü/split.0"),  # before writers open
     faults.spec("replaced", "my results/b ü/split.1/done"),  # after done is in place
     faults.spec("copy", "results/c/hyp.scp", 2),  # mid-concatenation
-    faults.spec("dump", "results/d/manifest.json"),  # torn manifest
+    faults.spec("write_text", "results/d/manifest.json"),  # torn manifest
     faults.spec("merge", "results/e/text", 2),  # mid (non-atomic) user merge
 ]
 
@@ -305,12 +305,15 @@ def test_end_to_end_kills_then_a_plain_rerun_is_byte_identical(wf, tmp_path_fact
 def test_torn_done_under_snakemake_fails_the_merge_then_a_plain_rerun_heals(wf):
     wf.write_config({"a": job("a", n_items=4, n_shards=2)})
     wf.snakemake("--cores", "2")
-    (wf.path / "results/a/split.1/done").write_bytes(b'{"fingerprint": "3f')  # newer than merge.done
+    torn = b'{"fingerprint": "3f'
+    (wf.path / "results/a/split.1/done").write_bytes(torn)  # newer than merge.done
 
     code, out = wf.snakemake("--cores", "2", check=False)
     assert code != 0 and "results/a/logs/merge.log" in out
     last = (wf.path / "results/a/logs/merge.log").read_text().splitlines()[-1]
-    assert last.startswith("espnet3_rules merge: error: cannot merge results/a: shards torn done: split.1;")
+    assert last.startswith("espnet3_rules merge: error: ")  # the message: test_untrusted_done_is_never_merged...
+    assert not (wf.path / "results/a/split.1/done").exists(), "set aside, so Snakemake sees the shard as not done"
+    assert (wf.path / "results/a/split.1/done.rejected").read_bytes() == torn
 
     _, out = wf.snakemake("--cores", "2")
     assert job_counts(out) == {"shard": 1, "merge": 1, "all": 1}
@@ -411,8 +414,8 @@ def test_full_or_read_only_disk_fails_clearly_and_keeps_earlier_shards(fault, re
 
         assert failed.returncode == 1
         expected = {
-            "disk-full": "results/t/split.1 (close_writers): OSError: [Errno 28] No space left on device",
-            "file-size-limit": "results/t/split.1 (close_writers): OSError: [Errno 27] File too large",
+            "disk-full": "results/t/split.1 (finalize_state): OSError: [Errno 28] No space left on device",
+            "file-size-limit": "results/t/split.1 (finalize_state): OSError: [Errno 27] File too large",
             "read-only": "OSError: [Errno 30] Read-only file system: 'results/t/split.1'",
         }[fault]
         assert failed.stderr.splitlines()[-1] == f"espnet3_rules run-shard: error: {expected}"

@@ -67,8 +67,12 @@ def test_sharded_run_writes_every_value_kind_and_merges_in_order(tmp_path):
     # batches [0,1] [2,3] [4] -> shards [[0,1],[2,3]] and [[4]]
     assert (root / "split.1" / FIELD_KEYS_NAME).read_text() == "hyp\nn\nfeats\nmeta\n"
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["spec"]["runner_kwargs"] == runner.runner_kwargs()
-    assert manifest["spec"]["runner_kwargs"]["model_kwargs"] == {"scale": 2.0}
+    assert manifest["version"] == 2
+    assert manifest["job"]["runner_kwargs"] == {
+        "input_key": ["speech", "text"],
+        "output_fn": "inference_toy.output_fn",
+        "model_kwargs": {"scale": 2.0},
+    }
     assert not list(root.rglob(".*.tmp.*"))
 
 
@@ -292,22 +296,23 @@ def test_artifacts_are_written_atomically(tmp_path, monkeypatch):
         ({"../x": {"type": "npy"}}, "cannot name"),
     ],
 )
-def test_output_artifacts_are_checked_at_plan_time(tmp_path, artifacts, message):
-    runner = make_runner(tmp_path, output_artifacts=artifacts)
+def test_output_artifacts_are_checked_at_construction(tmp_path, artifacts, message):
     with pytest.raises(ContractError, match=message):
-        runner.plan(range(5))
+        make_runner(tmp_path, output_artifacts=artifacts)
     assert not (tmp_path / "out").exists()
 
 
-def test_plan_time_checks_output_fn_and_input_key(tmp_path):
-    with pytest.raises(ContractError, match="no attribute 'nope'"):
-        make_runner(tmp_path, output_fn="inference_toy.nope").plan(range(5))
-    with pytest.raises(ContractError, match="needs input_key"):
-        make_runner(tmp_path, input_key=None).plan(range(5))
+def test_construction_checks_output_fn_and_input_key(tmp_path):
+    """(An unimportable output_fn and a missing input_key: test_bad_inputs, at dry-run.)"""
+    with pytest.raises(ContractError, match=r"output_fn 'inference_toy.NoBatchModel.calls' is not callable"):
+        make_runner(tmp_path, output_fn="inference_toy.NoBatchModel.calls")
     with pytest.raises(ContractError, match="model_kwargs must be a mapping"):
         make_runner(tmp_path, model_kwargs=["scale"])
+    assert not (tmp_path / "out").exists()
     provider = toy.ToyProvider({"n": 2}, params={"input_key": "speech"})
-    InferenceRunner(provider, output_dir=tmp_path / "p").plan(range(2))  # input_key from params is enough
+    runner = InferenceRunner(provider, output_fn="inference_toy.id_output_fn", output_keys="n", output_dir=tmp_path / "p")
+    merged = runner(range(2))  # input_key from params is enough
+    assert read_scp(merged["n"]) == [["utt0", "4"], ["utt1", "8"]]
 
 
 # ---------------------------------------------------------------- batching

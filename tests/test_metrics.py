@@ -256,7 +256,7 @@ def test_measure_refuses_missing_or_no_test_sets(tmp_path):
         measure([WER_CFG], tmp_path / "missing")
 
 
-# ------------------------------------------------ job-level measure (jobs.py)
+# ------------------------------------------------ job-level measure (cli/measure.py)
 def workflow_config(tmp_path, test_sets=("test_a", "test_b"), **job_extra):
     job = {
         "runner": "espnet3_rules.InferenceRunner",
@@ -274,11 +274,13 @@ def workflow_config(tmp_path, test_sets=("test_a", "test_b"), **job_extra):
 
 
 def test_measure_job_reads_references_through_each_test_sets_provider(tmp_path):
-    from espnet3_rules.cli.config import build_runner, measure_job, measure_specs, units_from_config
+    from espnet3_rules.cli.config import jobs_from_config
+    from espnet3_rules.cli.measure import measure_job, measure_specs
+    from espnet3_rules.engine.job import build_runner
 
     config = workflow_config(tmp_path)
-    for unit in units_from_config(config).values():
-        build_runner(unit)(range(3))
+    for job in jobs_from_config(config).values():
+        build_runner(job)(range(3))
     (spec,) = measure_specs(config).values()
     assert spec["output"] == (tmp_path / "exp" / "metrics.json").as_posix()
     results = measure_job(spec)
@@ -291,15 +293,22 @@ def test_measure_job_reads_references_through_each_test_sets_provider(tmp_path):
 
 
 def test_measure_needs_named_test_sets(tmp_path):
-    from espnet3_rules.cli.config import measure_specs
+    from espnet3_rules.cli.measure import measure_specs
 
     with pytest.raises(ContractError, match="jobs.decode.measure needs test_sets"):
         measure_specs(workflow_config(tmp_path, test_sets=()))
 
 
-@pytest.mark.parametrize("names", [("a", "a"), ("a", "")])
-def test_duplicate_or_empty_test_set_names_are_refused(tmp_path, names):
-    from espnet3_rules.cli.config import units_from_config
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        (("a", "a"), "jobs.decode.test_sets: name 'a' appears twice"),
+        (("a", ""), "config: jobs.decode.test_sets.1.name: '' should be non-empty"),
+    ],
+)
+def test_duplicate_or_empty_test_set_names_are_refused(tmp_path, names, message):
+    from espnet3_rules.cli.config import jobs_from_config
 
-    with pytest.raises(ContractError, match="jobs.decode.test_sets: name .* is empty or appears twice"):
-        units_from_config(workflow_config(tmp_path, test_sets=names))
+    with pytest.raises(ContractError) as info:
+        jobs_from_config(workflow_config(tmp_path, test_sets=names))
+    assert str(info.value) == message

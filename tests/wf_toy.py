@@ -86,6 +86,79 @@ class DeviceRunner(TextRunner):
         return {"idx": idx, "text": f"{device}@{os.environ.get('CUDA_VISIBLE_DEVICES', '')}"}
 
 
+class SuffixRunner(TextRunner):
+    """A runner with its own constructor option: ``suffix`` is appended to every text, and the merge
+    checks and reports it (``merge.done``'s result), so a test sees the option reach shards and merge."""
+
+    def __init__(self, provider, suffix="", **kwargs):
+        super().__init__(provider, **kwargs)
+        self.suffix = suffix
+
+    @staticmethod
+    def forward(idx, dataset, model, suffix="", **env):
+        result = TextRunner.forward(idx, dataset, model, **env)
+        return {**result, "text": result["text"] + suffix}
+
+    def merge(self, shard_dirs):
+        result = super().merge(shard_dirs)
+        lines = (self.output_dir / self.shard_subdir / "text").read_text(encoding="utf-8").splitlines()
+        if not all(line.endswith(self.suffix) for line in lines):
+            raise RuntimeError(f"a shard did not get suffix {self.suffix!r}")
+        return {**result, "suffix": self.suffix}
+
+
+class DictSetupProvider(WordsProvider):
+    """Common mistake: build_worker_setup_fn returns the env itself."""
+
+    def build_worker_setup_fn(self):
+        return super().build_worker_setup_fn()()
+
+
+class RenamedProvider(EnvironmentProvider):
+    """Common mistake: env keys that do not match forward's parameters."""
+
+    def build_env_local(self):
+        return {"ds": ["a"] * 4, "net": str.upper}
+
+    def build_worker_setup_fn(self):
+        return self.build_env_local
+
+
+class BrokenInitProvider(WordsProvider):
+    """A provider whose constructor fails (only the plan rule constructs one)."""
+
+    def __init__(self, config):
+        raise RuntimeError("BrokenInitProvider cannot reach its model store")
+
+
+def mark(config, name):
+    """Leave ``<config.marker_dir>/<name>``: proof that a hook ran."""
+    Path(config["marker_dir"], name).touch()
+
+
+class MarkingProvider(WordsProvider):
+    """Leaves a marker file from ``__init__``, ``build_env_local``, ``build_worker_setup_fn`` and the setup
+    function (``marker_dir`` in its config): what ran while planning or running."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        mark(config, "init")
+
+    def build_env_local(self):
+        mark(self.config, "build_env_local")
+        return super().build_env_local()
+
+    def build_worker_setup_fn(self):
+        config, setup = self.config, super().build_worker_setup_fn()
+        mark(config, "build_worker_setup_fn")
+
+        def marked_setup():
+            mark(config, "setup")
+            return setup()
+
+        return marked_setup
+
+
 class UttProvider(InferenceProvider):
     """InferenceProvider: items ``{"utt_id", "text"}`` (``ids`` from the config, else ``utt<i>``); model: upper-case."""
 
@@ -132,3 +205,12 @@ def no_id(data, model_output, idx):
 def two_lines(data, model_output, idx):
     """output_fn mistake: a value with a newline."""
     return {"utt_id": data["utt_id"], "hyp": f"{model_output}\nsecond line"}
+
+
+class NoModelProvider(UttProvider):
+    """Its model cannot be built (a marker, then an error): only its static build_dataset may run."""
+
+    @staticmethod
+    def build_model(config):
+        mark(config, "build_model")
+        raise RuntimeError("build_model must not run here")
