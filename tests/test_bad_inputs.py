@@ -20,16 +20,16 @@ DROP = object()
 TEXT_JOB = job("a", n_items=4, n_shards=2)
 INFERENCE_JOB = {
     "runner": "espnet3_rules.InferenceRunner",
-    "provider": "wf_toy.UttProvider",
+    "provider": "toys.UttProvider",
     "provider_config": {"n_items": 4},
-    "runner_kwargs": {"input_key": "text", "output_fn": "wf_toy.hyp_fields"},
+    "runner_kwargs": {"input_key": "text", "output_fn": "toys.hyp_fields"},
     "output_dir": "results",
     "shard_subdir": "a",
     "n_shards": 2,
 }
 LINES_JOB = {
     **INFERENCE_JOB,
-    "provider": "wf_toy.LinesProvider",
+    "provider": "toys.LinesProvider",
     "provider_config": {"path": "data/lines.txt"},
     "inputs": ["data/lines.txt"],
 }
@@ -59,7 +59,7 @@ def finished(tmp_path_factory):
 
 # id, config (a dict, or raw YAML text), files to create, the error line (ours) or Snakemake's message parts
 DRY_RUN_CASES = [
-    ("yaml-syntax", "jobs:\n  a: {runner: wf_toy.TextRunner\n", {}, ["Config file is not valid JSON or YAML"]),
+    ("yaml-syntax", "jobs:\n  a: {runner: toys.PoisonTextRunner\n", {}, ["Config file is not valid JSON or YAML"]),
     ("missing-key", jobs(runner=DROP), {}, "config: jobs.a: 'runner' is a required property"),
     ("missing-output-dir", jobs(output_dir=DROP), {}, "config: jobs.a: 'output_dir' is a required property"),
     ("unknown-key", jobs(shards=2), {}, "config: jobs.a: Additional properties are not allowed ('shards' was unexpected)"),
@@ -81,21 +81,22 @@ DRY_RUN_CASES = [
      "jobs.a: n_shards (3) exceeds the number of batches (2); lower n_shards"),
     ("runner-module-missing", jobs(runner="nopkg.decode.Runner"), {},
      "jobs.a.runner 'nopkg.decode.Runner': no module 'nopkg' can be imported"),
-    ("runner-attribute-missing", jobs(runner="wf_toy.Nope"), {},
-     "jobs.a.runner 'wf_toy.Nope': module 'wf_toy' has no attribute 'Nope'"),
-    ("runner-not-an-import-path", jobs(runner="TextRunner"), {}, "config: jobs.a.runner: 'TextRunner' does not match"),
-    ("provider-not-a-provider", jobs(provider="wf_toy.TextRunner"), {},
-     "jobs.a.provider 'wf_toy.TextRunner' is not an EnvironmentProvider class (no build_env_local)"),
+    ("runner-attribute-missing", jobs(runner="toys.Nope"), {},
+     "jobs.a.runner 'toys.Nope': module 'toys' has no attribute 'Nope'"),
+    ("runner-not-an-import-path", jobs(runner="PoisonTextRunner"), {},
+     "config: jobs.a.runner: 'PoisonTextRunner' does not match"),
+    ("provider-not-a-provider", jobs(provider="toys.PoisonTextRunner"), {},
+     "jobs.a.provider 'toys.PoisonTextRunner' is not an EnvironmentProvider class (no build_env_local)"),
     ("runner-kwargs-unknown", jobs(runner_kwargs={"beam": 3}), {},
-     "jobs.a.runner_kwargs do not fit TextRunner: got an unexpected keyword argument 'beam'"),
+     "jobs.a.runner_kwargs do not fit PoisonTextRunner: got an unexpected keyword argument 'beam'"),
     ("params-not-accepted", jobs(params={"beam": 3}), {},
-     "jobs.a.params given, but WordsProvider.__init__ takes no params argument"),
-    ("forward-not-static", jobs(runner="wf_toy.SelfRunner"), {}, "SelfRunner.forward must be a @staticmethod"),
-    ("env-name-mismatch-declared", jobs(runner="wf_toy.DeviceRunner", provider="wf_toy.UttProvider"), {},
-     "DeviceRunner.forward needs 'device' but UttProvider's env provides ['dataset', 'model', 'output_dir', "
+     "jobs.a.params given, but PoisonWordsProvider.__init__ takes no params argument"),
+    ("forward-not-static", jobs(runner="toys.SelfRunner"), {}, "SelfRunner.forward must be a @staticmethod"),
+    ("env-name-mismatch-declared", jobs(runner="toys.DeviceTextRunner", provider="toys.UttProvider"), {},
+     "DeviceTextRunner.forward needs 'device' but UttProvider's env provides ['dataset', 'model', 'output_dir', "
      "'shard_subdir']"),
-    ("output-fn-unresolvable", jobs(INFERENCE_JOB, runner_kwargs={"input_key": "text", "output_fn": "wf_toy.nope"}),
-     {}, "output_fn 'wf_toy.nope': module 'wf_toy' has no attribute 'nope'"),
+    ("output-fn-unresolvable", jobs(INFERENCE_JOB, runner_kwargs={"input_key": "text", "output_fn": "toys.nope"}),
+     {}, "output_fn 'toys.nope': module 'toys' has no attribute 'nope'"),
     ("input-key-missing", jobs(INFERENCE_JOB, runner_kwargs={}), {}, "InferenceRunner needs input_key"),
     ("output-dir-in-config", jobs(output_dir="config/results"), {},
      "jobs.a.output_dir 'config/results' is inside the config directory"),
@@ -146,7 +147,7 @@ def test_bad_config_fails_the_dry_run(finished, snakemake_server, tmp_path, conf
 
 def test_yaml_syntax_error_is_located_by_the_cli(tmp_path):
     """Snakemake's own message (case yaml-syntax) has no line number; the CLI gives FILE:LINE:COL."""
-    (tmp_path / "config.yaml").write_text("jobs:\n  a: {runner: wf_toy.TextRunner\n", encoding="utf-8")
+    (tmp_path / "config.yaml").write_text("jobs:\n  a: {runner: toys.PoisonTextRunner\n", encoding="utf-8")
     proc = cli("plan", "--config", "config.yaml", "--job", "a", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
@@ -157,17 +158,17 @@ def test_yaml_syntax_error_is_located_by_the_cli(tmp_path):
 # Mistakes that show only in the plan rule or while running: job, its entry, the log and the error its
 # last line names.
 RUNTIME_CASES = [
-    ("setup-returns-dict", {**TEXT_JOB, "provider": "wf_toy.DictSetupProvider"},
+    ("setup-returns-dict", {**TEXT_JOB, "provider": "toys.DictSetupProvider"},
      "plan", "DictSetupProvider.build_worker_setup_fn() returned a dict (the env itself); it must return a "
      "zero-argument setup function"),
-    ("provider-init-raises", {**TEXT_JOB, "provider": "wf_toy.BrokenInitProvider"},
+    ("provider-init-raises", {**TEXT_JOB, "provider": "toys.BrokenInitProvider"},
      "plan", "RuntimeError: BrokenInitProvider cannot reach its model store"),
     # InferenceRunner's result and merge checks: their messages are asserted in test_inference_runner; here
     # that they end the log as one line, after the shard and item (a later shard's: the earlier one is done)
     ("space-in-id", {**INFERENCE_JOB, "provider_config": {"ids": ["u0", "u1", "u 2", "u3"]}},
      "split.1", "split.1 item 2: "),
-    ("env-name-mismatch", {**TEXT_JOB, "provider": "wf_toy.RenamedProvider"},
-     "split.0", "TextRunner.forward needs 'dataset', 'model' but RenamedProvider's env provides ["),
+    ("env-name-mismatch", {**TEXT_JOB, "provider": "toys.RenamedProvider"},
+     "split.0", "PoisonTextRunner.forward needs 'dataset', 'model' but RenamedProvider's env provides ["),
     ("forward-raises", {**TEXT_JOB, "n_shards": 2},
      "split.1", "split.1 item 3: RuntimeError: poisoned item 3"),
     ("duplicate-ids", {**INFERENCE_JOB, "provider_config": {"ids": ["u0", "u1", "u0", "u1"]}},

@@ -32,9 +32,9 @@ def inference_job(name, n_items, n_shards):
     """An InferenceRunner job writing hyp.scp and n_chars.scp under results/<name>."""
     return {
         "runner": "espnet3_rules.InferenceRunner",
-        "provider": "wf_toy.UttProvider",
+        "provider": "toys.UttProvider",
         "provider_config": {"n_items": n_items},
-        "runner_kwargs": {"input_key": "text", "output_fn": "wf_toy.hyp_fields"},
+        "runner_kwargs": {"input_key": "text", "output_fn": "toys.hyp_fields"},
         "output_dir": "results",
         "shard_subdir": name,
         "n_shards": n_shards,
@@ -54,7 +54,7 @@ def root_of(entry):
 
 
 def merged_files(entry):
-    """The merged outputs of a job: TextRunner's text, or the InferenceRunner fields."""
+    """The merged outputs of a job: PoisonTextRunner's text, or the InferenceRunner fields."""
     return ["hyp.scp", "n_chars.scp"] if entry["runner"].endswith("InferenceRunner") else ["text"]
 
 
@@ -162,7 +162,7 @@ class KillPoint:
 
 
 KILL_POINTS = [
-    # shard 1 of the writer-hook TextRunner job; shards 0 and 2 are done
+    # shard 1 of the writer-hook PoisonTextRunner job; shards 0 and 2 are done
     KillPoint("t", "shard", "open_writers", "*/t/split.1"),
     KillPoint("t", "shard", "forward", "*/t/item.3"),
     KillPoint("t", "shard", "forward", "*/t/item.5"),

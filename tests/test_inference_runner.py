@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import inference_toy as toy
+import toys
 from espnet3_rules import ContractError, InferenceRunner
 from espnet3_rules.systems.base.inference_runner import FIELD_KEYS_NAME, forward_batch, _WARNED_UNBATCHED
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_runner(tmp_path, n=5, model="EchoModel", **kwargs):
-    provider = toy.ToyProvider({"n": n, "model": model})
+    provider = toys.SpeechProvider({"n": n, "model": model})
     kwargs.setdefault("input_key", "speech")
     return InferenceRunner(provider, output_dir=tmp_path / "out", **kwargs)
 
@@ -49,7 +49,7 @@ def test_sharded_run_writes_every_value_kind_and_merges_in_order(tmp_path):
         n_shards=2,
         batch_size=2,
         input_key=["speech", "text"],
-        output_fn="inference_toy.output_fn",
+        output_fn="toys.every_kind_output_fn",
         model_kwargs={"scale": 2.0},
     )
     merged = runner(range(5))
@@ -57,7 +57,7 @@ def test_sharded_run_writes_every_value_kind_and_merges_in_order(tmp_path):
     assert list(merged) == ["hyp", "n", "feats", "meta"]
     assert read_scp(merged["hyp"]) == [[f"utt{i}", f"WORD{i} TEXT"] for i in range(5)]
     assert read_scp(root / "n.scp") == [[f"utt{i}", str(4 * (i + 1))] for i in range(5)]
-    items = toy.make_items(5)
+    items = toys.speech_dataset(5)
     for (utt_id, path), item in zip(read_scp(root / "feats.scp"), items):
         assert Path(path).is_absolute() and Path(path).suffix == ".npy"
         np.testing.assert_allclose(np.load(path), item["speech"] * 2.0)
@@ -70,14 +70,14 @@ def test_sharded_run_writes_every_value_kind_and_merges_in_order(tmp_path):
     assert manifest["version"] == 2
     assert manifest["job"]["runner_kwargs"] == {
         "input_key": ["speech", "text"],
-        "output_fn": "inference_toy.output_fn",
+        "output_fn": "toys.every_kind_output_fn",
         "model_kwargs": {"scale": 2.0},
     }
     assert not list(root.rglob(".*.tmp.*"))
 
 
 def test_output_keys_select_the_fields_written(tmp_path):
-    runner = make_runner(tmp_path, n=3, output_fn="inference_toy.id_output_fn", output_keys=["n"])
+    runner = make_runner(tmp_path, n=3, output_fn="toys.id_output_fn", output_keys=["n"])
     merged = runner(range(3))
     assert list(merged) == ["n"]  # extra keys (feats, text) are not written
     assert read_scp(merged["n"]) == [["utt0", "4"], ["utt1", "8"], ["utt2", "12"]]
@@ -88,14 +88,14 @@ def test_plain_model_result_is_returned_as_is_with_model_kwargs():
         def __call__(self, speech, prefix):
             return {"utt_id": f"{prefix}{len(speech)}", "len": len(speech)}
 
-    dataset = toy.make_items(2)
+    dataset = toys.speech_dataset(2)
     out = InferenceRunner.forward(1, dataset=dataset, model=Model(), input_key="speech", model_kwargs={"prefix": "u"})
     assert out == {"utt_id": "u8", "len": 8}
 
 
 def test_nested_result_lists_are_flattened(tmp_path):
     runner = make_runner(
-        tmp_path, n=4, batch_size=3, input_key=["speech", "text"], output_fn="inference_toy.output_fn_nested"
+        tmp_path, n=4, batch_size=3, input_key=["speech", "text"], output_fn="toys.output_fn_nested"
     )
     merged = runner(range(4))
     assert [row[0] for row in read_scp(merged["hyp"])] == ["utt0", "utt1", "utt2", "utt3"]
@@ -103,7 +103,7 @@ def test_nested_result_lists_are_flattened(tmp_path):
 
 def test_missing_input_key_in_dataset_item_is_named(tmp_path):
     with pytest.raises(ContractError, match=r"input_key 'audio' not found in dataset\[0\]"):
-        InferenceRunner.forward(0, dataset=toy.make_items(1), model=toy.EchoModel(), input_key="audio")
+        InferenceRunner.forward(0, dataset=toys.speech_dataset(1), model=toys.EchoModel(), input_key="audio")
 
 
 # --------------------------------------------------------------- validation
@@ -255,7 +255,7 @@ def test_wav_refuses_values_it_cannot_hold(tmp_path, value, message):
 
 
 def test_custom_writer_gets_path_without_suffix_and_options(tmp_path):
-    writers = writers_for(tmp_path, {"feats": {"writer": "inference_toy.text_writer", "suffix": ".csv"}})
+    writers = writers_for(tmp_path, {"feats": {"writer": "toys.text_writer", "suffix": ".csv"}})
     write(writers, {"utt_id": "a", "feats": np.array([0.5, 1.0])})
     path = read_scp(writers["shard_dir"] / "feats.scp")[0][1]
     assert path == (writers["shard_dir"] / "feats" / "a.csv").resolve().as_posix()
@@ -263,7 +263,7 @@ def test_custom_writer_gets_path_without_suffix_and_options(tmp_path):
 
 
 def test_custom_writer_must_return_an_existing_file(tmp_path):
-    writers = writers_for(tmp_path, {"feats": {"writer": "inference_toy.bad_writer"}})
+    writers = writers_for(tmp_path, {"feats": {"writer": "toys.bad_writer"}})
     with pytest.raises(ContractError, match="bad_writer returned .*not an existing file"):
         write(writers, {"utt_id": "a", "feats": np.ones(2)})
 
@@ -289,9 +289,9 @@ def test_artifacts_are_written_atomically(tmp_path, monkeypatch):
         ({"audio": {"type": "wav", "sample_rate": 0}}, "needs sample_rate"),
         ({"audio": {"type": "flac"}}, "type must be one of"),
         ({"audio": {"type": "npy", "sample_rate": 8000}}, "unknown option"),
-        ({"audio": {"writer": "inference_toy.no_such_writer"}}, "has no attribute 'no_such_writer'"),
-        ({"audio": {"writer": "inference_toy.EchoModel.calls"}}, "has no attribute"),
-        ({"audio": {"writer": "inference_toy.text_writer", "type": "npy"}}, "not both"),
+        ({"audio": {"writer": "toys.no_such_writer"}}, "has no attribute 'no_such_writer'"),
+        ({"audio": {"writer": "toys.EchoModel.calls"}}, "has no attribute"),
+        ({"audio": {"writer": "toys.text_writer", "type": "npy"}}, "not both"),
         ({"audio": "wav"}, "must be a mapping"),
         ({"../x": {"type": "npy"}}, "cannot name"),
     ],
@@ -304,19 +304,19 @@ def test_output_artifacts_are_checked_at_construction(tmp_path, artifacts, messa
 
 def test_construction_checks_output_fn_and_input_key(tmp_path):
     """(An unimportable output_fn and a missing input_key: test_bad_inputs, at dry-run.)"""
-    with pytest.raises(ContractError, match=r"output_fn 'inference_toy.NoBatchModel.calls' is not callable"):
-        make_runner(tmp_path, output_fn="inference_toy.NoBatchModel.calls")
+    with pytest.raises(ContractError, match=r"output_fn 'toys.NoBatchModel.calls' is not callable"):
+        make_runner(tmp_path, output_fn="toys.NoBatchModel.calls")
     with pytest.raises(ContractError, match="model_kwargs must be a mapping"):
         make_runner(tmp_path, model_kwargs=["scale"])
     assert not (tmp_path / "out").exists()
-    provider = toy.ToyProvider({"n": 2}, params={"input_key": "speech"})
-    runner = InferenceRunner(provider, output_fn="inference_toy.id_output_fn", output_keys="n", output_dir=tmp_path / "p")
+    provider = toys.SpeechProvider({"n": 2}, params={"input_key": "speech"})
+    runner = InferenceRunner(provider, output_fn="toys.id_output_fn", output_keys="n", output_dir=tmp_path / "p")
     merged = runner(range(2))  # input_key from params is enough
     assert read_scp(merged["n"]) == [["utt0", "4"], ["utt1", "8"]]
 
 
 # ---------------------------------------------------------------- batching
-def forward_env(output_fn=toy.id_output_fn):
+def forward_env(output_fn=toys.id_output_fn):
     return {"keys": ["speech"], "output_fn": output_fn, "model_kwargs": {}}
 
 
@@ -328,9 +328,9 @@ def forward_env(output_fn=toy.id_output_fn):
     ],
 )
 def test_out_of_memory_batch_names_items_and_lengths(error, monkeypatch):
-    monkeypatch.setattr(toy.OOMModel, "error", error)
+    monkeypatch.setattr(toys.OOMModel, "error", error)
     with pytest.raises(ContractError) as info:
-        forward_batch([1, 2], toy.make_items(3), toy.OOMModel(), forward_env())
+        forward_batch([1, 2], toys.speech_dataset(3), toys.OOMModel(), forward_env())
     message = str(info.value)
     assert "dataset indices [1, 2]" in message and "'speech': [8, 12]" in message
     assert "lower batch_size below 2" in message
@@ -338,26 +338,26 @@ def test_out_of_memory_batch_names_items_and_lengths(error, monkeypatch):
 
 def test_torch_out_of_memory_error_is_recognized(monkeypatch):
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(toy.OOMModel, "error", torch.cuda.OutOfMemoryError("allocator failed"))
+    monkeypatch.setattr(toys.OOMModel, "error", torch.cuda.OutOfMemoryError("allocator failed"))
     with pytest.raises(ContractError, match="ran out of memory"):
-        forward_batch([0, 1], toy.make_items(2), toy.OOMModel(), forward_env())
+        forward_batch([0, 1], toys.speech_dataset(2), toys.OOMModel(), forward_env())
 
 
 def test_batch_error_retries_items_one_at_a_time_and_warns_once_per_model(tmp_path, caplog):
-    _WARNED_UNBATCHED.discard("inference_toy.NoBatchModel")
-    toy.NoBatchModel.calls = 0
-    runner = make_runner(tmp_path, n=5, model="NoBatchModel", batch_size=2, output_fn="inference_toy.id_output_fn")
+    _WARNED_UNBATCHED.discard("toys.NoBatchModel")
+    toys.NoBatchModel.calls = 0
+    runner = make_runner(tmp_path, n=5, model="NoBatchModel", batch_size=2, output_fn="toys.id_output_fn")
     with caplog.at_level(logging.WARNING, logger="espnet3_rules.systems.base.inference_runner"):
         merged = runner(range(5))
     assert read_scp(merged["n"]) == [[f"utt{i}", str(4 * (i + 1))] for i in range(5)]
-    assert toy.NoBatchModel.calls == 3 + 5  # three failed batches, five single items
+    assert toys.NoBatchModel.calls == 3 + 5  # three failed batches, five single items
     warnings = [r for r in caplog.records if "did not accept a batch" in r.getMessage()]
-    assert len(warnings) == 1 and "inference_toy.NoBatchModel" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "toys.NoBatchModel" in warnings[0].getMessage()
 
 
 def test_item_that_fails_alone_too_is_named():
     with pytest.raises(ContractError) as info:
-        forward_batch([0, 1, 2], toy.make_items(3), toy.FailsOnLongModel(), forward_env())
+        forward_batch([0, 1, 2], toys.speech_dataset(3), toys.FailsOnLongModel(), forward_env())
     message = str(info.value)
     assert "batch [0, 1, 2] failed (ValueError: no batches)" in message
     assert "dataset[2] alone failed too (ValueError: too long: 12)" in message
@@ -366,7 +366,7 @@ def test_item_that_fails_alone_too_is_named():
 # -------------------------------------------------------------------- merge
 def test_merge_unions_fields_in_first_seen_order_taking_only_listing_shards(tmp_path):
     runner = make_runner(
-        tmp_path, n=4, n_shards=4, input_key=["speech", "text"], output_fn="inference_toy.output_fn_sparse"
+        tmp_path, n=4, n_shards=4, input_key=["speech", "text"], output_fn="toys.output_fn_sparse"
     )
     root = tmp_path / "out"
     runner(range(4))

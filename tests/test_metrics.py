@@ -8,7 +8,7 @@ import wave
 
 import pytest
 
-import inference_toy as toy
+import toys
 from espnet3_rules import ContractError
 from espnet3_rules.metrics import (
     CER,
@@ -122,7 +122,7 @@ def test_custom_metric_keys_and_iter_inputs_lockstep(tmp_path):
 
 # ----------------------------------------------------------- dataset columns
 def test_export_dataset_column_writes_scalars_and_artifacts_atomically(tmp_path):
-    items = toy.make_items(2)
+    items = toys.speech_dataset(2)
     text = export_dataset_column(items, "text", tmp_path / "dataset" / "text.scp")
     assert text.read_text() == "utt0 word0 text\nutt1 word1 text\n"
     wav = {"type": "wav", "sample_rate": 8000}
@@ -260,9 +260,9 @@ def test_measure_refuses_missing_or_no_test_sets(tmp_path):
 def workflow_config(tmp_path, test_sets=("test_a", "test_b"), **job_extra):
     job = {
         "runner": "espnet3_rules.InferenceRunner",
-        "provider": "inference_toy.ToyProvider",
+        "provider": "toys.SpeechProvider",
         "provider_config": {"n": 3},
-        "runner_kwargs": {"input_key": "speech", "output_fn": "inference_toy.asr_output_fn"},
+        "runner_kwargs": {"input_key": "speech", "output_fn": "toys.asr_output_fn"},
         "output_dir": str(tmp_path / "exp"),
         "n_shards": 2,
         "measure": {"metrics": [WER_CFG]},
@@ -289,7 +289,7 @@ def test_measure_job_reads_references_through_each_test_sets_provider(tmp_path):
     assert results["espnet3_rules.metrics.WER"]["test_a"]["WER"] == 16.67
     assert json.loads((tmp_path / "exp" / "metrics.json").read_text()) == results
     stamp = json.loads((tmp_path / "exp" / "test_a" / "dataset" / "text.source.json").read_text())
-    assert stamp["identity"]["provider"] == "inference_toy.ToyProvider"
+    assert stamp["identity"]["provider"] == "toys.SpeechProvider"
 
 
 def test_measure_needs_named_test_sets(tmp_path):

@@ -67,7 +67,7 @@ def test_runner_option_reaches_every_shard_and_the_merge_and_a_change_reruns_onl
     """A runner's own constructor option (``runner_kwargs``), then a provider_config change: each
     reruns exactly its job (plan, every shard, merge), never the other job."""
     jobs = {
-        "a": job("a", n_items=6, n_shards=3, runner="wf_toy.SuffixRunner", runner_kwargs={"suffix": "x"}),
+        "a": job("a", n_items=6, n_shards=3, runner="toys.SuffixRunner", runner_kwargs={"suffix": "x"}),
         "b": job("b", n_items=4, n_shards=2),
     }
     wf.write_config(jobs)
@@ -125,16 +125,16 @@ def test_dry_run_builds_no_provider_env_or_model(wf, snakemake_server, monkeypat
     """``snakemake -n`` constructs no provider and calls none of its builders; the plan rule does."""
     markers = wf.path / "markers"
     markers.mkdir()
-    marking = job("m", n_items=4, n_shards=2, provider="wf_toy.MarkingProvider")
+    marking = job("m", n_items=4, n_shards=2, provider="toys.MarkingProvider")
     marking["provider_config"]["marker_dir"] = str(markers)
     del marking["items"]  # counted by the plan rule, from the provider's env
     wf.write_config({
         "m": marking,
         "n": {
             "runner": "espnet3_rules.InferenceRunner",
-            "provider": "wf_toy.NoModelProvider",
+            "provider": "toys.NoModelProvider",
             "provider_config": {"n_items": 5, "marker_dir": str(markers)},
-            "runner_kwargs": {"input_key": "text", "output_fn": "wf_toy.hyp_fields"},
+            "runner_kwargs": {"input_key": "text", "output_fn": "toys.hyp_fields"},
             "output_dir": "results",
             "shard_subdir": "n",
             "n_shards": 2,
@@ -180,8 +180,8 @@ def test_local_gpu_shards_get_a_device(wf, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     wf.write_config({
-        "gpu": job("gpu", n_items=4, n_shards=2, runner="wf_toy.DeviceRunner", resources={"gpu": 1}),
-        "cpu": job("cpu", n_items=2, n_shards=1, runner="wf_toy.DeviceRunner"),
+        "gpu": job("gpu", n_items=4, n_shards=2, runner="toys.DeviceTextRunner", resources={"gpu": 1}),
+        "cpu": job("cpu", n_items=2, n_shards=1, runner="toys.DeviceTextRunner"),
     })
     wf.snakemake("--cores", "2", "--resources", "gpu=2")
     for line in (wf.path / "results/gpu/text").read_text().splitlines():

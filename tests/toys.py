@@ -1,14 +1,18 @@
-"""Providers, runners and helpers of the unit-tier tests (one module; shard processes import it by name).
+"""Providers, runners, models and helpers of the tests (one module; shard, plan and merge processes import it by name).
 
-Everything here is importable by name (``toys.X``), so shard and merge processes
-started through ``python -m espnet3_rules`` can rebuild the runner and provider of a
-manifest. Probes that must not change a plan's fingerprint (kill or fail at item k)
-are read from environment variables; probes that count work (``calls_file``,
-``log_dir``) append one line per event to a file.
+Everything here is importable by name (``toys.X``), so shard and merge processes started through
+``python -m espnet3_rules`` or Snakemake can rebuild the runner and provider of a manifest. Probes
+that must not change a plan's fingerprint (kill or fail at item k) are read from environment
+variables; probes that count work (``calls_file``, ``log_dir``) append one line per event to a file.
 
-Names stay clear of the workflow-tier toys (``wf_toy``, ``inference_toy``): the
-utterance provider here is :class:`SampleProvider` (``wf_toy.WordsProvider`` is
-another one); :class:`SelfRunner` plays the same part as ``wf_toy.SelfRunner``.
+The workflow-tier toys (:class:`PoisonWordsProvider`, :class:`PoisonTextRunner` and the runners built
+on it) fail on purpose when ``<poison_dir>/<item>`` exists, and hold (wait) on an item while
+``<poison_dir>/hold.<item>`` exists, so a test can make one shard fail or stay running without
+touching the config (which would change the plan). Their hooks are also fault points of
+:mod:`faults` (inert unless ESPNET3_RULES_FAULT is set).
+
+numpy is imported only inside the speech toys that use it: the core must import and run the word
+toys where numpy cannot be imported (test_torch_free).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -30,12 +35,16 @@ from espnet3_rules import BaseRunner, EnvironmentProvider, InferenceProvider
 from espnet3_rules.engine.plan import ShardPlan, make_plan
 from espnet3_rules.engine.shard import load_state
 
+import faults
+
 TESTS = Path(__file__).resolve().parent
 #: The checkout whose ``espnet3_rules`` this test process imported; subprocesses use the same one.
 REPO = Path(espnet3_rules.__file__).resolve().parents[1]
 
 KILL_AT = "TOYS_KILL_AT"
 FAIL_AT = "TOYS_FAIL_AT"
+#: How long PoisonTextRunner waits at most on a held item (``<poison_dir>/hold.<idx>``).
+HOLD_LIMIT_S = 300
 
 
 # ------------------------------------------------------------------ probes
@@ -72,37 +81,29 @@ def log_event(config: Any, event: str) -> None:
         append_line(Path(log_dir) / "builds", event)
 
 
+def mark(config: Any, name: str) -> None:
+    """Leave ``<config.marker_dir>/<name>``: proof that a hook ran."""
+    Path(config["marker_dir"], name).touch()
+
+
 # ------------------------------------------------------------------- data
 def words_dataset(n: int) -> List[Dict[str, str]]:
     """``n`` utterances ``{"utt_id": "utt007", "word": "w7"}``."""
     return [{"utt_id": f"utt{i:03d}", "word": f"w{i}"} for i in range(n)]
 
 
-def shout(sample: Mapping[str, Any]) -> str:
-    """The docs-style model: one sample in, its hypothesis text out."""
-    return sample["word"].upper()
+def speech_dataset(n: int) -> List[Dict[str, Any]]:
+    """``n`` utterances: id ``utt<i>``, a float waveform of 4*(i+1) samples, a transcript."""
+    import numpy as np
 
-
-class Shouter:
-    """Model of CountingInferenceProvider: ``model(word=...)`` for a word, a list of words, or a sample dict."""
-
-    def __init__(self, suffix: str = ""):
-        self.suffix = suffix
-
-    def __call__(self, word: Any) -> Any:
-        if isinstance(word, list):
-            return [self(w) for w in word]
-        if isinstance(word, Mapping):
-            word = word["word"]
-        return word.upper() + self.suffix
-
-
-def to_record(data: Any, model_output: Any, idx: Any) -> Any:
-    """InferenceRunner ``output_fn``: result dict(s) with ``text`` and ``length`` fields."""
-    if isinstance(idx, list):
-        return [to_record(d, o, i) for d, o, i in zip(data, model_output, idx)]
-    maybe_die(idx)
-    return {"utt_id": data["utt_id"], "text": model_output, "length": len(model_output)}
+    return [
+        {
+            "utt_id": f"utt{i}",
+            "speech": np.linspace(-0.5, 0.5, 4 * (i + 1), dtype=np.float32),
+            "text": f"word{i} text",
+        }
+        for i in range(n)
+    ]
 
 
 # -------------------------------------------------------------- providers
@@ -115,10 +116,7 @@ def words_env(config: Any) -> Dict[str, Any]:
 
 
 class SampleProvider(EnvironmentProvider):
-    """A plain provider written like ESPnet3's docs (local and worker builds) over ``words_dataset(n)``.
-
-    Not ``wf_toy.WordsProvider`` (config ``n_items``/``poison_dir``, dataset of strings).
-    """
+    """A plain provider written like ESPnet3's docs (local and worker builds) over ``words_dataset(n)``."""
 
     def build_env_local(self):
         return words_env(self.config)
@@ -156,8 +154,7 @@ class LocalOnlyProvider(EnvironmentProvider):
 
 
 class DictSetupProvider(SampleProvider):
-    """Common mistake: ``build_worker_setup_fn`` returns the env instead of a setup function
-    (a fixed env: works with any provider config)."""
+    """Common mistake: ``build_worker_setup_fn`` returns the env, not a setup function (fixed env: any config)."""
 
     def build_worker_setup_fn(self):
         return {"dataset": [], "model": None}
@@ -183,8 +180,7 @@ class IterProvider(SampleProvider):
 
 
 class RenamedProvider(EnvironmentProvider):
-    """Common mistake from the docs: env keys ``ds``/``net`` while forward wants ``dataset``/``model``
-    (``n`` samples, default 2: works with any provider config)."""
+    """Common mistake from the docs: env keys ``ds``/``net``, not ``dataset``/``model`` (``n`` samples, default 2)."""
 
     def build_env_local(self):
         return {"ds": words_dataset(int(self.config.get("n", 2))), "net": shout}
@@ -199,6 +195,52 @@ class DeclaredRenamedProvider(RenamedProvider):
     @classmethod
     def declared_env_keys(cls, params):
         return {"ds", "net"}
+
+
+class PoisonWordsProvider(EnvironmentProvider):
+    """Workflow-tier provider: ``n_items`` strings ``w0007<suffix>``, model ``str.upper``, and ``poison_dir``."""
+
+    def build_env_local(self):
+        return self.build_worker_setup_fn()()
+
+    def build_worker_setup_fn(self):
+        n_items, suffix = int(self.config["n_items"]), str(self.config.get("suffix", ""))
+        poison_dir = str(self.config.get("poison_dir", ""))
+
+        def setup():
+            dataset = [f"w{i:04d}{suffix}" for i in range(n_items)]
+            return {"dataset": dataset, "model": str.upper, "poison_dir": poison_dir}
+
+        return setup
+
+
+class BrokenInitProvider(PoisonWordsProvider):
+    """A provider whose constructor fails (only the plan rule constructs one)."""
+
+    def __init__(self, config):
+        raise RuntimeError("BrokenInitProvider cannot reach its model store")
+
+
+class MarkingProvider(PoisonWordsProvider):
+    """Leaves a marker (``marker_dir``) from __init__, build_env_local, build_worker_setup_fn and setup: what ran."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        mark(config, "init")
+
+    def build_env_local(self):
+        mark(self.config, "build_env_local")
+        return super().build_env_local()
+
+    def build_worker_setup_fn(self):
+        config, setup = self.config, super().build_worker_setup_fn()
+        mark(config, "build_worker_setup_fn")
+
+        def marked_setup():
+            mark(config, "setup")
+            return setup()
+
+        return marked_setup
 
 
 class CountingInferenceProvider(InferenceProvider):
@@ -217,6 +259,49 @@ class CountingInferenceProvider(InferenceProvider):
 
 class OtherInferenceProvider(CountingInferenceProvider):
     """Same env as CountingInferenceProvider, another class."""
+
+
+class UttProvider(InferenceProvider):
+    """Items ``{"utt_id", "text": "w0007"}`` (ids: ``config.ids``, else ``utt<i>``); model ``upper``."""
+
+    @staticmethod
+    def build_dataset(config):
+        ids = list(config.get("ids") or (f"utt{i}" for i in range(int(config["n_items"]))))
+        return [{"utt_id": utt_id, "text": f"w{i:04d}"} for i, utt_id in enumerate(ids)]
+
+    @staticmethod
+    def build_model(config):
+        return upper
+
+
+class LinesProvider(UttProvider):
+    """Items from the UTF-8 text file ``config.path``, one ``<utt_id> <text>`` line each."""
+
+    @staticmethod
+    def build_dataset(config):
+        with open(config["path"], encoding="utf-8") as f:
+            return [dict(zip(("utt_id", "text"), line.split(maxsplit=1))) for line in f if line.strip()]
+
+
+class NoModelProvider(UttProvider):
+    """Its model cannot be built (a marker, then an error): only its static build_dataset may run."""
+
+    @staticmethod
+    def build_model(config):
+        mark(config, "build_model")
+        raise RuntimeError("build_model must not run here")
+
+
+class SpeechProvider(InferenceProvider):
+    """Dataset ``speech_dataset(config.n)``; ``config.model`` names the model class here (default EchoModel)."""
+
+    @staticmethod
+    def build_dataset(config: Any) -> Any:
+        return speech_dataset(int(config["n"]))
+
+    @staticmethod
+    def build_model(config: Any) -> Any:
+        return globals()[config.get("model", "EchoModel")]()
 
 
 # ---------------------------------------------------------------- runners
@@ -324,11 +409,7 @@ class ClassForwardRunner(CollectRunner):
 
 
 class BeamRunner(BaseRunner):
-    """A runner with its own constructor option ``beam``: forward gets it from the env, merge from ``self``.
-
-    ``forward`` logs ``<idx> beam=<beam>`` to ``calls_file``; ``merge`` writes ``<root>/merged``
-    (one line per record, then ``merge beam=<beam>``) and returns the records and its beam.
-    """
+    """A runner with its own constructor option ``beam``: forward gets it from the env, merge from ``self``."""
 
     def __init__(self, provider, beam=1, **kwargs):
         super().__init__(provider, **kwargs)
@@ -336,10 +417,12 @@ class BeamRunner(BaseRunner):
 
     @staticmethod
     def forward(idx, dataset, model, beam=1, **env):
+        # logs ``<idx> beam=<beam>`` to calls_file
         note_call(env, f"{idx} beam={beam}")
         return {"idx": idx, "beam": beam, "hyp": model(dataset[idx]) * beam}
 
     def merge(self, shard_dirs):
+        # writes <root>/merged (a line a record, then ``merge beam=<beam>``); returns the records and its beam
         records = super().merge(shard_dirs)
         root = self.output_dir / self.shard_subdir if self.shard_subdir else self.output_dir
         lines = [f"{r['idx']} beam={r['beam']} {r['hyp']}" for r in records] + [f"merge beam={self.beam}"]
@@ -391,7 +474,7 @@ class NeedsDeviceRunner(BaseRunner):
 
 
 class SelfRunner(BaseRunner):
-    """Common mistake from the docs: forward capturing self (the part ``wf_toy.SelfRunner`` plays there)."""
+    """Common mistake from the docs: forward capturing self (not a static or class method)."""
 
     def forward(self, idx, dataset, model, **env):  # deliberately not a staticmethod
         return model(dataset[idx])
@@ -403,6 +486,227 @@ class UnpicklableRunner(BaseRunner):
     @staticmethod
     def forward(idx, dataset, model, **env):
         return lambda: idx
+
+
+class PoisonTextRunner(BaseRunner):
+    """Workflow-tier text runner: ``<idx> <HYP>`` lines into split.N/text; fails or holds per ``poison_dir``."""
+
+    @staticmethod
+    def forward(idx, dataset, model, poison_dir="", output_dir="", shard_subdir="", **env):
+        faults.at("forward", Path(output_dir, shard_subdir, f"item.{idx}"))
+        if poison_dir and (Path(poison_dir) / str(idx)).exists():
+            raise RuntimeError(f"poisoned item {idx}")
+        hold = Path(poison_dir) / f"hold.{idx}" if poison_dir else None
+        if hold is not None and hold.exists():
+            (Path(poison_dir) / f"started.{idx}").write_text(os.environ.get("SLURM_JOB_ID", ""))
+            deadline = time.monotonic() + HOLD_LIMIT_S
+            while hold.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        return {"idx": idx, "text": model(dataset[idx])}
+
+    @staticmethod
+    def open_writers(shard_dir, **env):
+        faults.at("open_writers", shard_dir)
+        return {"text": (shard_dir / "text").open("w", encoding="utf-8")}
+
+    @staticmethod
+    def write_record(writers, result, state, **env):
+        faults.write(writers["text"], f"{result['idx']} {result['text']}\n", "write_record")
+
+    @staticmethod
+    def close_writers(writers):
+        BaseRunner.close_writers(writers)
+        faults.at("close_writers", Path(writers["text"].name).parent)
+
+    def merge(self, shard_dirs):
+        out = self.output_dir / self.shard_subdir / "text"
+        with out.open("w", encoding="utf-8") as f:
+            for shard_dir in shard_dirs:
+                faults.write(f, (shard_dir / "text").read_text(encoding="utf-8"), "merge")
+        return {"lines": sum(1 for _ in out.open(encoding="utf-8"))}
+
+
+class DeviceTextRunner(PoisonTextRunner):
+    """Writes, as each item's text, the device the shard was given and the GPUs it sees."""
+
+    @staticmethod
+    def forward(idx, dataset, model, device, **env):
+        return {"idx": idx, "text": f"{device}@{os.environ.get('CUDA_VISIBLE_DEVICES', '')}"}
+
+
+class SuffixRunner(PoisonTextRunner):
+    """Constructor option ``suffix``: appended to every text; the merge checks it and reports it in its result."""
+
+    def __init__(self, provider, suffix="", **kwargs):
+        super().__init__(provider, **kwargs)
+        self.suffix = suffix
+
+    @staticmethod
+    def forward(idx, dataset, model, suffix="", **env):
+        result = PoisonTextRunner.forward(idx, dataset, model, **env)
+        return {**result, "text": result["text"] + suffix}
+
+    def merge(self, shard_dirs):
+        result = super().merge(shard_dirs)
+        lines = (self.output_dir / self.shard_subdir / "text").read_text(encoding="utf-8").splitlines()
+        if not all(line.endswith(self.suffix) for line in lines):
+            raise RuntimeError(f"a shard did not get suffix {self.suffix!r}")
+        return {**result, "suffix": self.suffix}
+
+
+# ----------------------------------------------------------------- models
+def shout(sample: Mapping[str, Any]) -> str:
+    """The docs-style model: one sample in, its hypothesis text out."""
+    return sample["word"].upper()
+
+
+class Shouter:
+    """Model of CountingInferenceProvider: ``model(word=...)`` for a word, a list of words, or a sample dict."""
+
+    def __init__(self, suffix: str = ""):
+        self.suffix = suffix
+
+    def __call__(self, word: Any) -> Any:
+        if isinstance(word, list):
+            return [self(w) for w in word]
+        if isinstance(word, Mapping):
+            word = word["word"]
+        return word.upper() + self.suffix
+
+
+def upper(text: str) -> str:
+    """UttProvider's model: ``model(text=...)`` upper-cased."""
+    return text.upper()
+
+
+class EchoModel:
+    """SpeechProvider's default model: ``model(speech=, text=, scale=)`` for one item or lists of items."""
+
+    def __call__(self, speech: Any, text: Any = None, scale: float = 1.0) -> Any:
+        import numpy as np
+
+        if isinstance(speech, list):
+            return [self(s, t, scale) for s, t in zip(speech, text or [None] * len(speech))]
+        return {"n": int(len(speech)), "feats": np.asarray(speech) * scale, "text": text}
+
+
+class NoBatchModel:
+    """Accepts one item only (a list raises TypeError), and counts calls."""
+
+    calls = 0
+
+    def __call__(self, speech: Any) -> Any:
+        type(self).calls += 1
+        if isinstance(speech, list):
+            raise TypeError("expected an array, got a list")
+        return {"n": int(len(speech))}
+
+
+class OOMModel:
+    """Runs out of memory on any batch of more than one item."""
+
+    error: Any = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def __call__(self, speech: Any) -> Any:
+        if isinstance(speech, list) and len(speech) > 1:
+            raise self.error
+        return {"n": 1}
+
+
+class FailsOnLongModel:
+    """Fails for batches, and for any single item longer than 8 samples."""
+
+    def __call__(self, speech: Any) -> Any:
+        if isinstance(speech, list):
+            raise ValueError("no batches")
+        if len(speech) > 8:
+            raise ValueError(f"too long: {len(speech)}")
+        return {"n": int(len(speech))}
+
+
+# ---------------------------------------------- output functions, writers
+def to_record(data: Any, model_output: Any, idx: Any) -> Any:
+    """InferenceRunner ``output_fn``: result dict(s) with ``text`` and ``length`` fields."""
+    if isinstance(idx, list):
+        return [to_record(d, o, i) for d, o, i in zip(data, model_output, idx)]
+    maybe_die(idx)
+    return {"utt_id": data["utt_id"], "text": model_output, "length": len(model_output)}
+
+
+def hyp_fields(data, model_output, idx):
+    """output_fn: two fields (``hyp``, ``n_chars``); fault point ``output_fn`` on ``item.<idx>``."""
+    faults.at("output_fn", f"item.{idx}")
+    return {"utt_id": data["utt_id"], "hyp": model_output, "n_chars": len(model_output)}
+
+
+def not_a_dict(data, model_output, idx):
+    """output_fn mistake: the bare model output."""
+    return model_output
+
+
+def no_id(data, model_output, idx):
+    """output_fn mistake: no id key."""
+    return {"hyp": model_output}
+
+
+def two_lines(data, model_output, idx):
+    """output_fn mistake: a value with a newline."""
+    return {"utt_id": data["utt_id"], "hyp": f"{model_output}\nsecond line"}
+
+
+def every_kind_output_fn(data: Any, model_output: Any, idx: Any) -> Any:
+    """Result dicts (single or batched) with every kind of value the runner writes (str, numpy int, array, dict)."""
+    import numpy as np
+
+    if isinstance(idx, list):
+        return [every_kind_output_fn(d, o, i) for d, o, i in zip(data, model_output, idx)]
+    return {
+        "utt_id": data["utt_id"],
+        "hyp": model_output["text"].upper(),
+        "n": np.int64(model_output["n"]),
+        "feats": model_output["feats"],
+        "meta": {"idx": idx, "text": data["text"]},
+    }
+
+
+def output_fn_nested(data: Any, model_output: Any, idx: Any) -> Any:
+    """Each item as a nested list ``[[record]]`` (flattened by the runner)."""
+    return [[{"utt_id": d["utt_id"], "hyp": o["text"]}] for d, o in zip(data, model_output)]
+
+
+def output_fn_sparse(data: Any, model_output: Any, idx: Any) -> Any:
+    """Only even items have an ``extra`` field: fields differ between shards."""
+    record = {"utt_id": data["utt_id"], "hyp": model_output["text"]}
+    if idx % 2 == 0:
+        record["extra"] = f"e{idx}"
+    return record
+
+
+def id_output_fn(data: Any, model_output: Any, idx: Any) -> Any:
+    """Adds the id to model outputs (single or batched)."""
+    if isinstance(idx, list):
+        return [id_output_fn(d, o, i) for d, o, i in zip(data, model_output, idx)]
+    return {"utt_id": data["utt_id"], **model_output}
+
+
+def asr_output_fn(data: Any, model_output: Any, idx: Any) -> Any:
+    """A "recognizer": the transcript, with the last word dropped for odd items."""
+    words = data["text"].split()
+    return {"utt_id": data["utt_id"], "hyp": " ".join(words[:-1] if idx % 2 else words)}
+
+
+def text_writer(value: Any, path: Path, suffix: str = ".txt") -> Path:
+    """Custom artifact writer: the array's values, one per line."""
+    import numpy as np
+
+    out = Path(f"{path}{suffix}")
+    out.write_text("\n".join(f"{v:.3f}" for v in np.asarray(value).ravel()) + "\n", encoding="utf-8")
+    return out
+
+
+def bad_writer(value: Any, path: Path) -> Any:
+    """A writer that writes nothing and says so wrongly."""
+    return f"{path}.missing"
 
 
 # ---------------------------------------------------------------- helpers

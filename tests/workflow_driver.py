@@ -21,10 +21,10 @@ TESTS = Path(__file__).resolve().parent
 
 
 def job(name, n_items=10, n_shards=3, **extra):
-    """A TextRunner job entry writing under results/<name>."""
+    """A PoisonTextRunner job entry writing under results/<name>."""
     entry = {
-        "runner": "wf_toy.TextRunner",
-        "provider": "wf_toy.WordsProvider",
+        "runner": "toys.PoisonTextRunner",
+        "provider": "toys.PoisonWordsProvider",
         "provider_config": {"n_items": n_items, "poison_dir": "poison"},
         "output_dir": "results",
         "shard_subdir": name,
@@ -36,7 +36,7 @@ def job(name, n_items=10, n_shards=3, **extra):
 
 
 def expected_text(n_items, suffix=""):
-    """The merged ``text`` of a TextRunner job over ``n_items`` items."""
+    """The merged ``text`` of a PoisonTextRunner job over ``n_items`` items."""
     return "".join(f"{i} W{i:04d}{suffix.upper()}\n" for i in range(n_items))
 
 
