@@ -639,21 +639,6 @@ def hyp_fields(data, model_output, idx):
     return {"utt_id": data["utt_id"], "hyp": model_output, "n_chars": len(model_output)}
 
 
-def not_a_dict(data, model_output, idx):
-    """output_fn mistake: the bare model output."""
-    return model_output
-
-
-def no_id(data, model_output, idx):
-    """output_fn mistake: no id key."""
-    return {"hyp": model_output}
-
-
-def two_lines(data, model_output, idx):
-    """output_fn mistake: a value with a newline."""
-    return {"utt_id": data["utt_id"], "hyp": f"{model_output}\nsecond line"}
-
-
 def every_kind_output_fn(data: Any, model_output: Any, idx: Any) -> Any:
     """Result dicts (single or batched) with every kind of value the runner writes (str, numpy int, array, dict)."""
     import numpy as np
