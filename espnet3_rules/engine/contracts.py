@@ -16,6 +16,21 @@ class ContractError(ValueError):
     """A provider/runner/config breaks the ESPnet3 contract (one line, naming the class, hook or key)."""
 
 
+class ContractRuntimeError(ContractError, RuntimeError):
+    """A :class:`ContractError` where ESPnet3 raises ``RuntimeError`` (so ``except RuntimeError`` still catches it)."""
+
+
+class ContractKeyError(ContractError, KeyError):
+    """A :class:`ContractError` where ESPnet3 raises ``KeyError``; its text is the message, unquoted."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ContractTypeError(ContractError, TypeError):
+    """A :class:`ContractError` where ESPnet3 raises ``TypeError``."""
+
+
 def import_object(path: str, what: str = "object") -> Any:
     """Import ``package.module.Name`` (nested attributes allowed), with a clear error."""
     if not isinstance(path, str) or "." not in path:
