@@ -10,18 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
-import numpy as np
-
+from espnet3_rules.contract.kinds._numpy import is_numpy, numpy
 from espnet3_rules.contract.kinds.base import Kind, direction
 from espnet3_rules.engine.contracts import ContractError, ContractTypeError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _NOT_FINITE = "audio samples must be finite (no NaN or Inf)"
 
 
 def _to_float32(array: np.ndarray) -> np.ndarray:
     """Samples as float32: integer PCM scaled to [-1, 1] by its bit depth, floats kept as they are."""
+    np = numpy()
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise ContractTypeError(f"audio samples must be real numeric values, not {array.dtype}")
     if np.issubdtype(array.dtype, np.unsignedinteger):  # e.g. 8-bit WAV: centred on 128
@@ -49,7 +52,9 @@ def _channels_first(array: np.ndarray) -> np.ndarray:
 
 def _has_rate(value: Any) -> bool:
     """Whether ``value`` is a ``(rate, samples)`` pair (an integer first)."""
-    return isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], (int, np.integer))
+    return isinstance(value, (tuple, list)) and len(value) == 2 and (
+        isinstance(value[0], int) or is_numpy(value[0], "integer")
+    )
 
 
 def _resample(array: np.ndarray, orig_rate: int, rate: int) -> np.ndarray:
@@ -89,6 +94,7 @@ class Audio:
     rate: int
 
     def __post_init__(self) -> None:
+        np = numpy()
         array = _to_float32(np.asarray(self.array))
         if not np.isfinite(array).all():
             raise ContractError(_NOT_FINITE)
@@ -164,7 +170,7 @@ class Audio:
         if len(channels) != 1:
             raise ContractError(f"cannot concatenate audio with {channels} channels")
         # a mono piece may be (samples,) or (1, samples): join them in one layout
-        return cls(np.concatenate([piece.multichannel().array for piece in pieces], axis=-1), rates[0])
+        return cls(numpy().concatenate([piece.multichannel().array for piece in pieces], axis=-1), rates[0])
 
     @classmethod
     def coerce(cls, value: Any, rate: Optional[int]) -> "Audio":
@@ -186,17 +192,17 @@ class Audio:
         """
         if isinstance(value, Audio):
             # frozen, but its buffer may have been written to since it was checked
-            if not np.isfinite(value.array).all():
+            if not numpy().isfinite(value.array).all():
                 raise ContractError(_NOT_FINITE)
             return value if rate is None else value.resample(rate)
         if isinstance(value, (str, Path)):
             return cls.read(value, rate)
         if _has_rate(value):
-            audio = cls(np.asarray(value[1]), int(value[0]))
+            audio = cls(numpy().asarray(value[1]), int(value[0]))
             return audio if rate is None else audio.resample(rate)
         if hasattr(value, "detach"):  # a torch tensor, without importing torch
             value = value.detach().cpu().numpy()
-        if isinstance(value, np.ndarray):
+        if is_numpy(value, "ndarray"):
             if rate is None:
                 raise ContractTypeError(
                     "a bare array carries no sample rate, and this model fixes none: "
@@ -276,7 +282,7 @@ class AudioKind(Kind):
                 (``'mix' given with 1 channel(s), needs 2``).
         """
         rate = model.sample_rate
-        if output and isinstance(value, np.ndarray):
+        if output and is_numpy(value, "ndarray"):
             if rate is None:
                 raise ContractTypeError(
                     f"{field.name!r} returned as a bare array by a model that fixes no sample_rate; "
@@ -304,5 +310,6 @@ class AudioKind(Kind):
     def accepts(self, value: Any, field: Any) -> bool:
         """Whether ``value`` could be audio with no model: an Audio, a path, a pair, an array or a tensor."""
         return (
-            isinstance(value, (Audio, str, Path, np.ndarray)) or _has_rate(value) or hasattr(value, "detach")
+            isinstance(value, (Audio, str, Path)) or is_numpy(value, "ndarray") or _has_rate(value)
+            or hasattr(value, "detach")
         )

@@ -8,8 +8,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-import numpy as np
-
+from espnet3_rules.contract.kinds._numpy import is_numpy
 from espnet3_rules.contract.kinds.base import Kind, direction
 from espnet3_rules.engine.contracts import ContractTypeError
 
@@ -23,7 +22,7 @@ class NumberKind(Kind):
         Raises:
             TypeError: Anything else (``'WER' returned as bool, must be a real number``).
         """
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        if isinstance(value, bool) or is_numpy(value, "bool_") or not isinstance(value, numbers.Real):
             raise ContractTypeError(
                 f"{field.name!r} {direction(output)} as {type(value).__name__}, must be a real number"
             )
