@@ -751,3 +751,30 @@ def snapshot(directory: Path) -> Dict[str, bytes]:
 def expected_text(indices: Any) -> str:
     """What MyTextRunner writes for ``indices``."""
     return "".join(f"utt{i:03d} W{i}\n" for i in indices)
+
+
+# --- inference contract (issue 12)
+
+
+def contract_kind_class(kind_base: type) -> type:
+    """A ``messages`` kind (a list of turns) on ``kind_base``: ours or ESPnet3's ``Kind``."""
+
+    class MessagesKind(kind_base):
+        def check(self, value, field, model, *, output):
+            if not isinstance(value, list) or not all(isinstance(turn, str) for turn in value):
+                raise TypeError(f"{field.name!r} must be a list of turns")
+            return value
+
+    return MessagesKind
+
+
+def write_contract_module(directory: Path, name: str, prefix: str = "espnet3_rules") -> Path:
+    """Write ``<directory>/<name>.py``, a recipe module (``contract.imports``) that registers
+    the normalizer ``<name>_shout`` (upper case plus ``!``) through ``<prefix>.contract``."""
+    path = Path(directory) / f"{name}.py"
+    path.write_text(
+        f"from {prefix}.contract import register_normalizer\n\n"
+        f"register_normalizer({name + '_shout'!r}, lambda text: text.upper() + '!')\n",
+        encoding="utf-8",
+    )
+    return path
