@@ -201,7 +201,8 @@ def test_audio_read_from_a_path_matches_espnet3(impls, tmp_path):
     soundfile = pytest.importorskip("soundfile")
     path = tmp_path / "utt.wav"
     soundfile.write(str(path), stereo_int16(800), 8000)
-    for config in ({"kind": "audio"}, {"kind": "audio", "rate_policy": "reject"}, {"kind": "audio", "sample_rate": 8000}):
+    configs = ({"kind": "audio"}, {"kind": "audio", "rate_policy": "reject"}, {"kind": "audio", "sample_rate": 8000})
+    for config in configs:
         same(impls, infer({"inputs": {"speech": config}, "outputs": TEXT_IO["outputs"]},
                           lambda: [{"speech": path}, {"speech": str(path)}], [0, 1], [{"text": "a"}, {"text": "b"}]))
 

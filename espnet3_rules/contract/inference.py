@@ -132,7 +132,9 @@ class InferenceContract:
             raise ContractError(f"{idx_key!r} is reserved for the sample identifier; rename that output")
         extra = set(result) - declared - {idx_key}
         if extra:
-            raise ContractError(f"Undeclared inference output(s): {sorted(extra)} (contract.outputs: {sorted(declared)})")
+            raise ContractError(
+                f"Undeclared inference output(s): {sorted(extra)} (contract.outputs: {sorted(declared)})"
+            )
         prepared = {}
         for spec in self.outputs:
             if spec.name not in result:
