@@ -16,7 +16,12 @@ What is compared:
   the words are checked against the reference too);
 - the output directory, by :func:`assert_same_outputs`: every file's relative path, and
   the bytes of every file except the markers whose content is each side's own;
+  (neither side writes logs into the output directory in-process, so any other file must match);
 - where a case says so, what the module's counters saw (``after``).
+
+The Dask case (``allow_overwrite_lock``: ESPnet3 runs a shard through Dask whenever a parallel
+config is set) uses an in-process cluster (``processes: False``); the lock cases kill a child
+process mid-shard (one per side and case). No case runs Snakemake.
 
 Deliberate differences are asserted per side, each in its own test below.
 """
