@@ -12,6 +12,10 @@ second hand-written copy.
   hooks, a ``merge`` and a constructor option (``suffix``).
 - :mod:`espnet3_user.inference`: an ESPnet3 ``InferenceProvider`` for ESPnet3's own
   ``InferenceRunner``, and the params ESPnet3's ``infer()`` would give it.
+- :mod:`espnet3_user.runners`, :mod:`espnet3_user.resume`, :mod:`espnet3_user.inference_cases`:
+  the conformance programs (``program_*(output_dir)``, see ``tests/test_espnet3_conformance.py``):
+  the "Provider and Runner" page's examples and mistakes; resume and shard locks; InferenceProvider
+  and InferenceRunner behaviour. :mod:`espnet3_user.targets`: their Hydra ``_target_`` classes.
 
 Importing this package itself imports no ESPnet3.
 """
