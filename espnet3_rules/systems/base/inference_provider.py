@@ -35,7 +35,9 @@ def _as_config(config: Any) -> Any:
 
     if isinstance(config, DictConfig):
         return config
-    return OmegaConf.create(dict(config) if isinstance(config, Mapping) else {} if config is None else config)
+    if config is None:
+        config = {}
+    return OmegaConf.create(dict(config) if isinstance(config, Mapping) else config)
 
 
 def _required(config: Any, key: str, hook: str) -> Any:
