@@ -5,8 +5,6 @@ from __future__ import annotations
 import inspect
 import pickle
 
-from omegaconf import OmegaConf
-
 import toys as fx
 from espnet3_rules import BaseRunner, InferenceRunner, concatenate_shard_files
 from espnet3_rules.engine.job import JobSpec
@@ -30,17 +28,6 @@ def test_inference_provider_builds_env_once_and_hands_out_shallow_copies(tmp_pat
     first["extra"] = 1
     del first["model"]
     assert set(provider.build_env_local()) == {"dataset", "model", "beam"}
-
-
-def test_inference_provider_merges_params_into_config_and_env(tmp_path):
-    for config in ({"n": 2}, OmegaConf.create({"n": 2})):
-        provider = fx.CountingInferenceProvider(config, params={"suffix": "!", "device": "cpu"})
-        assert provider.config["suffix"] == "!" and provider.config["device"] == "cpu"
-        env = provider.build_env_local()
-        assert env["device"] == "cpu" and env["suffix"] == "!"
-        assert env["model"](word="ab") == "AB!", "build_model saw the params through config"
-        assert type(provider).declared_env_keys(provider.params) == {"dataset", "model", "suffix", "device"}
-    assert fx.CountingInferenceProvider(None).config == {}
 
 
 def test_runner_builds_the_local_env_once_for_all_shards(tmp_path):

@@ -20,11 +20,18 @@ ESPNET3_SURFACE = {
 }
 
 
+#: Names that are a class of their own at that path (as in ESPnet3), not the top-level one of that name.
+OWN_CLASSES = {("systems.base.inference_provider", "InferenceProvider")}
+
+
 @pytest.mark.parametrize("module, names", sorted(ESPNET3_SURFACE.items()))
 def test_espnet3_module_paths_hold_the_public_names(module, names):
     ours = importlib.import_module(f"espnet3_rules.{module}")
     for name in names:
-        assert getattr(ours, name) is getattr(importlib.import_module("espnet3_rules"), name)
+        if (module, name) in OWN_CLASSES:
+            assert getattr(ours, name).__module__ == ours.__name__
+        else:
+            assert getattr(ours, name) is getattr(importlib.import_module("espnet3_rules"), name)
 
 
 def imported_modules(path: Path) -> set:

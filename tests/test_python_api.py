@@ -71,15 +71,16 @@ def test_shards_run_by_the_cli_are_resumed_by_the_python_api(tmp_path):
 
 
 def test_shards_of_an_inference_job_with_params_run_by_the_cli_are_resumed_by_the_python_api(tmp_path):
-    params = {"calls_file": str(tmp_path / "calls"), "suffix": "!"}
+    params = {"calls_file": str(tmp_path / "calls")}
+    provider_config = {"n": 4, "suffix": "!"}  # the builders see the config, not the params (as in ESPnet3)
     config = fx.write_config(tmp_path / "c.yaml", runner="toys.CollectRunner",
-                             provider="toys.CountingInferenceProvider", provider_config={"n": 4}, params=params,
+                             provider="toys.CountingInferenceProvider", provider_config=provider_config, params=params,
                              output_dir=str(tmp_path / "out"), n_shards=2)
     fx.run_main("plan", "--config", config, "--job", "j")
     for shard in range(2):
         fx.run_main("run-shard", "--config", config, "--job", "j", "--shard", shard)
     (tmp_path / "calls").unlink()
-    runner = fx.CollectRunner(fx.CountingInferenceProvider({"n": 4}, params=params), output_dir=tmp_path / "out",
+    runner = fx.CollectRunner(fx.CountingInferenceProvider(provider_config, params=params), output_dir=tmp_path / "out",
                               n_shards=2)
     assert fx.plan_of(runner, range(4)).fingerprint == read_manifest(tmp_path / "out" / "manifest.json").fingerprint
     assert [r["score"] for r in runner(range(4))] == [3.0] * 4

@@ -778,3 +778,54 @@ def write_contract_module(directory: Path, name: str, prefix: str = "espnet3_rul
         encoding="utf-8",
     )
     return path
+
+
+# --- inference providers (issue 12)
+from espnet3_rules.systems.base.inference_provider import InferenceProvider as SystemsInferenceProvider  # noqa: E402
+
+
+class ToyOrganizer:
+    """DataOrganizer stand-in built by Hydra: ``test[name]`` is ``words_dataset(size)`` for each
+    ``test_sizes`` entry; logs ``organizer`` to ``log_dir``."""
+
+    def __init__(self, test_sizes: Mapping[str, int], log_dir: Optional[str] = None):
+        log_event({"log_dir": log_dir}, "organizer")
+        self.test = {name: words_dataset(int(size)) for name, size in test_sizes.items()}
+
+
+class ToyModel(Shouter):
+    """Shouter built by Hydra with ``device``; logs ``model:<device>`` to ``log_dir``. ``vocab``: a
+    file path kept as given; ``probe_module``: a module name it tries to import while it is built."""
+
+    def __init__(self, device: str, suffix: str = "", log_dir: Optional[str] = None, vocab: Optional[str] = None,
+                 probe_module: Optional[str] = None):
+        super().__init__(suffix)
+        self.device, self.vocab, self.built_in = device, vocab, os.getcwd()
+        self.probe_imported = None
+        if probe_module:
+            import importlib
+
+            try:
+                importlib.import_module(probe_module)
+                self.probe_imported = True
+            except ModuleNotFoundError:
+                self.probe_imported = False
+        log_event({"log_dir": log_dir}, f"model:{device}")
+
+
+class WordsSystemsProvider(SystemsInferenceProvider):
+    """ESPnet3's systems-level provider with only ``build_dataset`` overridden (``words_dataset(config.n)``,
+    logged as ``dataset``); the model comes from ``config.model``."""
+
+    @staticmethod
+    def build_dataset(config):
+        log_event(config, "dataset")
+        return words_dataset(int(config["n"]))
+
+
+class EagerEnvProvider(CountingInferenceProvider):
+    """Reads ``self._local_env`` in its own ``__init__``, after ``super().__init__()``, as an ESPnet3 subclass may."""
+
+    def __init__(self, config=None, params=None):
+        super().__init__(config, params)
+        self.n_items = len(self._local_env["dataset"])

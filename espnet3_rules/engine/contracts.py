@@ -31,6 +31,10 @@ class ContractTypeError(ContractError, TypeError):
     """A :class:`ContractError` where ESPnet3 raises ``TypeError``."""
 
 
+class ContractAttributeError(ContractError, AttributeError):
+    """A :class:`ContractError` where ESPnet3 raises ``AttributeError`` (e.g. a config key it reads is missing)."""
+
+
 def import_object(path: str, what: str = "object") -> Any:
     """Import ``package.module.Name`` (nested attributes allowed), with a clear error."""
     if not isinstance(path, str) or "." not in path:

@@ -268,7 +268,14 @@ def count_items_without_building(job: JobSpec) -> Optional[int]:
     build = static_dataset_builder(provider_cls)
     if build is None:
         return None
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.create({**job.provider_config, **job.params})  # as InferenceProvider merges params
+    config = dataset_config(job, provider_cls)
     return measured_length(lambda: build(config), provider_cls.__name__, "build_dataset")
+
+
+def dataset_config(job: JobSpec, provider_cls: type) -> Any:
+    """The config a provider of ``provider_cls`` built from ``job`` would hand its ``build_dataset``:
+    the job's, with ``params`` merged where the class says so (its ``config_with_params``; the
+    systems-level InferenceProvider merges, the parallel one does not); as given for other classes."""
+    merge = getattr(provider_cls, "config_with_params", None)
+    config = provider_config(job)
+    return merge(config, dict(job.params)) if callable(merge) else config

@@ -30,7 +30,8 @@ class EnvironmentProvider(ABC):
     def __new__(cls, *args: Any, **kwargs: Any) -> "EnvironmentProvider":
         """Record the config as given (a plain-data copy), before any subclass changes it."""
         provider = super().__new__(cls)
-        config = args[0] if args else kwargs.get("config")
+        # ESPnet3's systems-level InferenceProvider names it ``inference_config``
+        config = args[0] if args else kwargs.get("config", kwargs.get("inference_config"))
         provider._given_config = jsonable(config if config is not None else {})
         return provider
 

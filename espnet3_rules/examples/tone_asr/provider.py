@@ -6,7 +6,8 @@ Job config (``provider_config``)::
     sample_rate: 16000           # optional; wavs at another rate are refused
     model: {threshold: 3.5}      # optional ToneCTCModel arguments
 
-``params.device`` (default ``cpu``) picks where the model runs.
+``params.device`` (default ``cpu``) picks where the model runs: the provider is
+ESPnet3's systems-level one, which merges ``params`` into the config its builders see.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import inspect
 from typing import Any, Dict, Mapping
 
 from espnet3_rules.engine.contracts import ContractError
-from espnet3_rules.parallel.inference_provider import InferenceProvider
+from espnet3_rules.systems.base.inference_provider import InferenceProvider
 from espnet3_rules.engine.plan import jsonable
 from .data import SAMPLE_RATE, KaldiDataset
 
