@@ -512,3 +512,97 @@ print(Path({str(tmp_path)!r}, "hyp.scp").read_text(), end="")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "a x\n"
+
+
+# ------------------------------------------------- ESPnet3 202611's forward
+@pytest.mark.parametrize("runner_cls, first_id", [(toys.StaticHooksRunner, "u4"), (toys.ClassHooksRunner, "c4")])
+def test_prepare_model_inputs_and_format_output_overrides_are_called(runner_cls, first_id, tmp_path):
+    dataset = [{"wave": item["speech"]} for item in toys.speech_dataset(3)]
+    assert runner_cls.forward(0, dataset=dataset, model=toys.EchoModel(), input_key="wave") == {
+        "utt_id": first_id, "hyp": "n=4"}
+    batch = runner_cls.forward([1, 2], dataset=dataset, model=toys.EchoModel(), input_key="wave")
+    assert [r["hyp"] for r in batch] == ["n=8", "n=12"]
+    provider = toys.SpeechProvider({"n": 3})
+    runner = runner_cls(provider, input_key="speech", output_dir=tmp_path / "out", batch_size=2)
+    runner.prepare_model_inputs = None  # forward is a class method: an instance attribute cannot reach it
+    with pytest.raises(KeyError, match="wave"):  # the dataset has speech, the override reads wave
+        runner(range(3))
+
+
+def test_super_forward_keeps_the_checked_path():
+    out = toys.SuperForwardRunner.forward(0, dataset=[{"wave": np.zeros(5)}], model=toys.EchoModel(), input_key="wave")
+    assert out == {"utt_id": "c5", "hyp": "n=5", "extra": "x"}
+    with pytest.raises(RuntimeError, match="input_key must be provided"):
+        toys.SuperForwardRunner.forward(0, dataset=[{}], model=toys.EchoModel())
+
+
+@pytest.mark.parametrize(
+    "env, error, message",
+    [
+        ({"model_kwargs": ["scale"]}, TypeError, "^model_kwargs must be a mapping when provided, got list$"),
+        ({"input_key": None}, RuntimeError, r"^input_key must be provided for inference \(a runner option"),
+        ({"input_key": []}, RuntimeError, "input_key must be provided for inference"),
+        ({"inference_contract": {"inputs": {}}, "output_fn": "toys.id_output_fn"}, ValueError,
+         "^output_fn cannot be combined with an inference contract"),
+        ({"inference_contract": {"inputs": {}}, "output_fn_path": "toys.id_output_fn"}, ValueError,
+         "output_fn cannot be combined"),
+    ],
+)
+def test_forward_refuses_bad_settings_with_espnet3_s_exception_types(env, error, message):
+    env = {"input_key": "speech", **env}
+    with pytest.raises(error, match=message):
+        InferenceRunner.forward(0, dataset=toys.speech_dataset(1), model=toys.EchoModel(), **env)
+
+
+@pytest.mark.parametrize("key", ["output_fn", "output_fn_path"])
+def test_output_fn_and_output_fn_path_are_applied(key):
+    out = InferenceRunner.forward(0, dataset=toys.speech_dataset(1), model=toys.EchoModel(), input_key="speech",
+                                  **{key: "toys.id_output_fn"})
+    assert (out["utt_id"], out["n"]) == ("utt0", 4)
+    out = InferenceRunner.forward([0], dataset=toys.speech_dataset(1), model=toys.EchoModel(), input_key="speech",
+                                  output_fn=toys.id_output_fn)  # a callable, as ESPnet3 takes it
+    assert [o["utt_id"] for o in out] == ["utt0"]
+
+
+def test_optional_inputs_are_left_out_when_absent_and_may_not_be_mixed_in_a_batch():
+    from espnet3_rules.systems.base.inference_runner import gather_inputs
+
+    samples = [{"speech": 1}, {"speech": 2}]
+    assert gather_inputs(samples, [0, 1], ["speech", "prompt"], {"prompt"}, True) == {"speech": [1, 2]}
+    assert gather_inputs(samples[:1], [0], ["speech", "prompt"], {"prompt"}, False) == {"speech": 1}
+    samples[1]["prompt"] = "p"
+    with pytest.raises(KeyError, match=r"^Input key 'prompt' not found in dataset item\. Optional inputs cannot be "
+                       r"mixed within one batch: some samples provide it and others do not\. \(dataset index 7;"):
+        gather_inputs(samples, [7, 8], ["speech", "prompt"], {"prompt"}, True)
+
+
+def test_audio_values_are_wav_at_their_rate_and_espnet3_style_writers_get_keywords(tmp_path, monkeypatch):
+    try:
+        from espnet3_rules.contract.kinds.audio import Audio
+    except ImportError:  # the contract package is not here yet: a stand-in of its Audio (array, rate)
+        import dataclasses
+        import types
+
+        Audio = dataclasses.make_dataclass("Audio", ["array", "rate"], frozen=True)
+        module = types.ModuleType("espnet3_rules.contract.kinds.audio")
+        module.Audio = Audio
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    mono = np.array([0.0, 0.5, -0.5, 0.25], dtype=np.float32)
+    stereo = np.array([[0.5, 0.5, 0.5], [-0.5, -0.5, -0.5]], dtype=np.float32)  # (channels, samples)
+    writers = writers_for(tmp_path, {
+        "wide": {"type": "wav", "sample_rate": 16000},
+        "custom": {"writer": {"_target_": "toys.espnet3_style_writer", "precision": 1}},
+    })
+    write(writers, {"utt_id": "sp0.9-a", "audio": Audio(mono, 8000), "st": Audio(stereo, 22050),
+                    "wide": Audio(mono, 8000), "custom": Audio(mono, 8000)})
+    rows = {name: read_scp(writers["shard_dir"] / f"{name}.scp")[0][1] for name in ("audio", "st", "wide", "custom")}
+    assert rows["audio"].endswith("/split.0/audio/sp0.9-a.wav")
+    with wave.open(rows["audio"]) as w:
+        assert (w.getnchannels(), w.getframerate(), w.getnframes()) == (1, 8000, 4)
+    with wave.open(rows["st"]) as w:
+        assert (w.getnchannels(), w.getframerate(), w.getnframes()) == (2, 22050, 3)
+        assert np.frombuffer(w.readframes(1), dtype="<i2").tolist() == [16384, -16384]
+    with wave.open(rows["wide"]) as w:
+        assert w.getframerate() == 16000  # a configured rate wins, as ESPnet3
+    assert rows["custom"].endswith("/split.0/custom/sp0.9-a.txt")
+    assert Path(rows["custom"]).read_text() == "rate=8000\n0.0\n0.5\n-0.5\n0.2\n"

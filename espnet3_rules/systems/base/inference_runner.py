@@ -130,12 +130,11 @@ def forward_contract(env: Mapping[str, Any]) -> Any:
     """The env's ``inference_contract`` resolved (``espnet3_rules.contract`` imported only then), or None."""
     if env.get("inference_contract") is None:
         return None
-    from espnet3_rules.contract.inference import resolve_inference_contract
-
-    contract = resolve_inference_contract(env["inference_contract"], env.get("inference_contract_root"))
     if env.get("output_fn") or env.get("output_fn_path"):
         raise ContractError("output_fn cannot be combined with an inference contract (inference_contract is set)")
-    return contract
+    from espnet3_rules.contract.inference import resolve_inference_contract
+
+    return resolve_inference_contract(env["inference_contract"], env.get("inference_contract_root"))
 
 
 def gather_inputs(
