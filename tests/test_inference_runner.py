@@ -14,7 +14,7 @@ import pytest
 
 import toys
 from espnet3_rules import ContractError, InferenceRunner
-from espnet3_rules.systems.base.inference_runner import FIELD_KEYS_NAME, forward_batch, _WARNED_UNBATCHED
+from espnet3_rules.systems.base.inference_runner import FIELD_KEYS_NAME, _WARNED_UNBATCHED
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,6 +35,11 @@ def writers_for(tmp_path, output_artifacts=None):
     return InferenceRunner.open_writers(shard_dir, output_artifacts=output_artifacts)
 
 
+def scp_fields(root):
+    """The merged ``<field>.scp`` names under ``root``, sorted."""
+    return sorted(p.stem for p in Path(root).glob("*.scp"))
+
+
 def write(writers, result, **env):
     InferenceRunner.write_record(writers, result, {}, **env)
     for handle in writers["scp_handles"].values():
@@ -52,10 +57,10 @@ def test_sharded_run_writes_every_value_kind_and_merges_in_order(tmp_path):
         output_fn="toys.every_kind_output_fn",
         model_kwargs={"scale": 2.0},
     )
-    merged = runner(range(5))
+    assert runner(range(5)) is True
     root = tmp_path / "out"
-    assert list(merged) == ["hyp", "n", "feats", "meta"]
-    assert read_scp(merged["hyp"]) == [[f"utt{i}", f"WORD{i} TEXT"] for i in range(5)]
+    assert scp_fields(root) == ["feats", "hyp", "meta", "n"]
+    assert read_scp(root / "hyp.scp") == [[f"utt{i}", f"WORD{i} TEXT"] for i in range(5)]
     assert read_scp(root / "n.scp") == [[f"utt{i}", str(4 * (i + 1))] for i in range(5)]
     items = toys.speech_dataset(5)
     for (utt_id, path), item in zip(read_scp(root / "feats.scp"), items):
@@ -65,7 +70,7 @@ def test_sharded_run_writes_every_value_kind_and_merges_in_order(tmp_path):
     assert meta_path.endswith("/split.1/meta/utt4.json")
     assert json.loads(Path(meta_path).read_text(encoding="utf-8")) == {"idx": 4, "text": "word4 text"}
     # batches [0,1] [2,3] [4] -> shards [[0,1],[2,3]] and [[4]]
-    assert (root / "split.1" / FIELD_KEYS_NAME).read_text() == "hyp\nn\nfeats\nmeta\n"
+    assert (root / "split.1" / FIELD_KEYS_NAME).read_text() == "feats\nhyp\nmeta\nn\n"  # sorted, as ESPnet3
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["version"] == 2
     assert manifest["job"]["runner_kwargs"] == {
@@ -78,9 +83,9 @@ def test_sharded_run_writes_every_value_kind_and_merges_in_order(tmp_path):
 
 def test_output_keys_select_the_fields_written(tmp_path):
     runner = make_runner(tmp_path, n=3, output_fn="toys.id_output_fn", output_keys=["n"])
-    merged = runner(range(3))
-    assert list(merged) == ["n"]  # extra keys (feats, text) are not written
-    assert read_scp(merged["n"]) == [["utt0", "4"], ["utt1", "8"], ["utt2", "12"]]
+    assert runner(range(3)) is True
+    assert scp_fields(tmp_path / "out") == ["n"]  # extra keys (feats, text) are not written
+    assert read_scp(tmp_path / "out" / "n.scp") == [["utt0", "4"], ["utt1", "8"], ["utt2", "12"]]
 
 
 def test_plain_model_result_is_returned_as_is_with_model_kwargs():
@@ -97,23 +102,28 @@ def test_nested_result_lists_are_flattened(tmp_path):
     runner = make_runner(
         tmp_path, n=4, batch_size=3, input_key=["speech", "text"], output_fn="toys.output_fn_nested"
     )
-    merged = runner(range(4))
-    assert [row[0] for row in read_scp(merged["hyp"])] == ["utt0", "utt1", "utt2", "utt3"]
+    runner(range(4))
+    assert [row[0] for row in read_scp(tmp_path / "out" / "hyp.scp")] == ["utt0", "utt1", "utt2", "utt3"]
 
 
-def test_missing_input_key_in_dataset_item_is_named(tmp_path):
-    with pytest.raises(ContractError, match=r"input_key 'audio' not found in dataset\[0\]"):
-        InferenceRunner.forward(0, dataset=toys.speech_dataset(1), model=toys.EchoModel(), input_key="audio")
+def test_missing_input_key_in_dataset_item_is_a_key_error_naming_the_index(tmp_path):
+    dataset = toys.speech_dataset(3)
+    del dataset[2]["speech"]
+    with pytest.raises(KeyError, match=r"^Input key 'speech' not found in dataset item\. \(dataset index 2; "
+                       r"dataset\[2\] has keys: \['text', 'utt_id'\]\)$"):
+        InferenceRunner.forward([1, 2], dataset=dataset, model=toys.EchoModel(), input_key="speech")
+    with pytest.raises(ContractError, match=r"dataset\[0\] has a str"):
+        InferenceRunner.forward(0, dataset=["raw"], model=toys.EchoModel(), input_key="speech")
 
 
 # --------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "result, message",
     [
-        ("just text", "must be a dict"),
-        ([{"utt_id": "a", "hyp": "x"}, 3], "must be a dict"),
-        ({"hyp": "x"}, "no id key 'utt_id'"),
-        ({"utt_id": ["a", "b"], "hyp": "x"}, "must be a single value"),
+        ("just text", "^Expected dict output, got str: 'just text'$"),
+        ([{"utt_id": "a", "hyp": "x"}, 3], "Expected dict output, got int"),
+        ({"hyp": "x"}, r"sample identifier key .*idx_key='utt_id' \(output keys: \['hyp'\]\)$"),
+        ({"utt_id": ["a", "b"], "hyp": "x"}, "^'utt_id' must be a single value, not list"),
         ({"utt_id": "", "hyp": "x"}, "not a safe id"),
         ({"utt_id": ".", "hyp": "x"}, "not a safe id"),
         ({"utt_id": "..", "hyp": "x"}, "not a safe id"),
@@ -122,8 +132,8 @@ def test_missing_input_key_in_dataset_item_is_named(tmp_path):
         ({"utt_id": "../a", "hyp": "x"}, "'/'"),
         ({"utt_id": "a\\b", "hyp": "x"}, "'/'"),
         ({"utt_id": 1.5, "hyp": "x"}, "str or int id"),
-        ({"utt_id": "a", "hyp": ["x", "y"]}, "top-level list"),
-        ({"utt_id": "a", "hyp": ("x",)}, "top-level tuple"),
+        ({"utt_id": "a", "hyp": ["x", "y"]}, r"^Top-level list outputs are not supported for 'hyp'\. .*is a list\)$"),
+        ({"utt_id": "a", "hyp": ("x",)}, r"Top-level list outputs .* is a tuple\)$"),
         ({"utt_id": "a", "hyp": "two\nlines"}, "newline"),
         ({"utt_id": "a", "hyp": "cr\rhere"}, "newline"),
         ({"utt_id": "a", "hyp": "bad \udcff byte"}, "not valid UTF-8"),
@@ -141,12 +151,60 @@ def test_bad_results_are_refused_with_one_clear_error(tmp_path, result, message)
         write(writers, result)
 
 
-def test_missing_required_output_keys_are_named_and_extra_keys_allowed(tmp_path):
+@pytest.mark.parametrize(
+    "result, error",
+    [
+        ("just text", TypeError),
+        ({"utt_id": ("a",), "hyp": "x"}, TypeError),
+        ({"utt_id": "a", "hyp": ["x"]}, TypeError),
+        ({"hyp": "x"}, ValueError),
+        ({"utt_id": "a b", "hyp": "x"}, ValueError),
+    ],
+)
+def test_refusals_have_espnet3_s_exception_types(tmp_path, result, error):
+    with pytest.raises(error):
+        write(writers_for(tmp_path), result)
+
+
+def test_missing_output_keys_are_a_key_error_and_extra_keys_allowed(tmp_path):
     writers = writers_for(tmp_path)
-    with pytest.raises(ContractError, match=r"'a' lacks output keys \['ref'\]"):
+    with pytest.raises(KeyError, match=r"^result 'a' lacks output keys \['ref'\] \(output_keys; its keys: "):
         write(writers, {"utt_id": "a", "hyp": "x", "score": 1}, output_keys=["hyp", "ref"])
     write(writers, {"utt_id": "b", "hyp": "x", "ref": "y", "score": 1}, output_keys=["hyp", "ref"])
     assert writers["field_keys"] == ["hyp", "ref"]
+
+
+def test_hyp_and_ref_keys_are_required_and_are_the_fields_without_output_keys(tmp_path):
+    writers = writers_for(tmp_path)
+    with pytest.raises(ValueError, match=r"^Inference output keys must include all required keys\. "
+                       r"missing=\['ref', 'text'\] \(hyp_key/ref_key"):
+        write(writers, {"utt_id": "a", "hyp": "x"}, hyp_key=["hyp", "text"], ref_key="ref")
+    write(writers, {"utt_id": "b", "hyp": "x", "ref": "y", "score": 1}, hyp_key="hyp", ref_key="ref")
+    assert writers["field_keys"] == ["hyp", "ref"]  # score is not written
+    write(writers, {"utt_id": "c", "hyp": "x", "ref": "y", "score": 1}, hyp_key="hyp", ref_key="ref", output_keys=["score"])
+    assert writers["field_keys"] == ["hyp", "ref", "score"]
+
+
+def test_infer_s_empty_hyp_and_ref_keys_write_every_field(tmp_path):
+    """``infer()`` constructs the runner with ``hyp_key=[]`` and ``ref_key=[]``; runner options reach the hooks."""
+    provider = toys.SpeechProvider({"n": 2}, params={"input_key": ["speech", "text"], "output_fn_path": "toys.id_output_fn"})
+    runner = InferenceRunner(provider, hyp_key=[], ref_key=[], output_dir=tmp_path / "out")
+    assert runner(range(2)) is True
+    assert scp_fields(tmp_path / "out") == ["feats", "n", "text"]
+    assert (tmp_path / "out" / "split.0" / FIELD_KEYS_NAME).read_text() == "feats\nn\ntext\n"
+
+
+def test_runner_hyp_key_option_is_checked_when_writing(tmp_path):
+    runner = make_runner(tmp_path, n=2, output_fn="toys.id_output_fn", hyp_key="hyp")
+    with pytest.raises(ValueError, match=r"missing=\['hyp'\]"):
+        runner(range(2))
+
+
+def test_resolve_idx_key(tmp_path):
+    runner = make_runner(tmp_path, idx_key="sample_id")
+    assert runner.resolve_idx_key({"sample_id": "u1"}) == "sample_id"
+    with pytest.raises(ValueError, match=r"idx_key='sample_id' \(output keys: \['utt_id'\]\)"):
+        runner.resolve_idx_key({"utt_id": "u1"})
 
 
 def test_a_refused_record_writes_nothing(tmp_path):
@@ -311,13 +369,14 @@ def test_construction_checks_output_fn_and_input_key(tmp_path):
     assert not (tmp_path / "out").exists()
     provider = toys.SpeechProvider({"n": 2}, params={"input_key": "speech"})
     runner = InferenceRunner(provider, output_fn="toys.id_output_fn", output_keys="n", output_dir=tmp_path / "p")
-    merged = runner(range(2))  # input_key from params is enough
-    assert read_scp(merged["n"]) == [["utt0", "4"], ["utt1", "8"]]
+    runner(range(2))  # input_key from params is enough
+    assert read_scp(tmp_path / "p" / "n.scp") == [["utt0", "4"], ["utt1", "8"]]
 
 
 # ---------------------------------------------------------------- batching
-def forward_env(output_fn=toys.id_output_fn):
-    return {"keys": ["speech"], "output_fn": output_fn, "model_kwargs": {}}
+def forward(idx, model, n=3, **env):
+    env.setdefault("output_fn", toys.id_output_fn)
+    return InferenceRunner.forward(idx, dataset=toys.speech_dataset(n), model=model, input_key="speech", **env)
 
 
 @pytest.mark.parametrize(
@@ -327,40 +386,53 @@ def forward_env(output_fn=toys.id_output_fn):
         MemoryError("Unable to allocate 3.0 GiB"),
     ],
 )
-def test_out_of_memory_batch_names_items_and_lengths(error, monkeypatch):
+def test_out_of_memory_batch_is_a_runtime_error_naming_items_lengths_and_batch_size(error, monkeypatch):
     monkeypatch.setattr(toys.OOMModel, "error", error)
-    with pytest.raises(ContractError) as info:
-        forward_batch([1, 2], toys.speech_dataset(3), toys.OOMModel(), forward_env())
+    with pytest.raises(RuntimeError) as info:
+        forward([1, 2], toys.OOMModel())
     message = str(info.value)
-    assert "dataset indices [1, 2]" in message and "'speech': [8, 12]" in message
-    assert "lower batch_size below 2" in message
+    assert message.startswith("Batched inference ran out of memory on 2 items (dataset indices [1, 2], input lengths "
+                              "{'speech': [8, 12]}). Lower `batch_size` in the inference config (this batch had 2 items)")
+    assert info.value.__cause__ is error
 
 
 def test_torch_out_of_memory_error_is_recognized(monkeypatch):
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(toys.OOMModel, "error", torch.cuda.OutOfMemoryError("allocator failed"))
     with pytest.raises(ContractError, match="ran out of memory"):
-        forward_batch([0, 1], toys.speech_dataset(2), toys.OOMModel(), forward_env())
+        forward([0, 1], toys.OOMModel())
 
 
-def test_batch_error_retries_items_one_at_a_time_and_warns_once_per_model(tmp_path, caplog):
+def test_a_failing_batch_raises_the_model_s_own_error_after_one_call():
+    toys.NoBatchModel.calls = 0
+    with pytest.raises(TypeError, match="^expected an array, got a list$"):
+        forward([0, 1, 2], toys.NoBatchModel())
+    assert toys.NoBatchModel.calls == 1
+
+
+def test_retry_items_on_batch_error_runs_items_one_at_a_time_and_warns_once_per_model(tmp_path, caplog):
     _WARNED_UNBATCHED.discard("toys.NoBatchModel")
     toys.NoBatchModel.calls = 0
-    runner = make_runner(tmp_path, n=5, model="NoBatchModel", batch_size=2, output_fn="toys.id_output_fn")
+    runner = make_runner(
+        tmp_path, n=5, model="NoBatchModel", batch_size=2, output_fn="toys.id_output_fn", retry_items_on_batch_error=True
+    )
     with caplog.at_level(logging.WARNING, logger="espnet3_rules.systems.base.inference_runner"):
-        merged = runner(range(5))
-    assert read_scp(merged["n"]) == [[f"utt{i}", str(4 * (i + 1))] for i in range(5)]
+        runner(range(5))
+    assert read_scp(tmp_path / "out" / "n.scp") == [[f"utt{i}", str(4 * (i + 1))] for i in range(5)]
     assert toys.NoBatchModel.calls == 3 + 5  # three failed batches, five single items
-    warnings = [r for r in caplog.records if "did not accept a batch" in r.getMessage()]
+    warnings = [r for r in caplog.records if "failed on a batch" in r.getMessage()]
     assert len(warnings) == 1 and "toys.NoBatchModel" in warnings[0].getMessage()
+    with pytest.raises(ContractError, match="retry_items_on_batch_error must be true or false"):
+        make_runner(tmp_path, retry_items_on_batch_error="yes")
 
 
-def test_item_that_fails_alone_too_is_named():
-    with pytest.raises(ContractError) as info:
-        forward_batch([0, 1, 2], toys.speech_dataset(3), toys.FailsOnLongModel(), forward_env())
-    message = str(info.value)
-    assert "batch [0, 1, 2] failed (ValueError: no batches)" in message
-    assert "dataset[2] alone failed too (ValueError: too long: 12)" in message
+def test_item_that_fails_alone_too_raises_its_own_error_noting_the_batch():
+    with pytest.raises(ValueError, match="^too long: 12\n") as info:
+        forward([0, 1, 2], toys.FailsOnLongModel(), retry_items_on_batch_error=True)
+    assert info.value.__notes__ == [
+        "(the batch [0, 1, 2] had failed first with ValueError: no batches; "
+        "retry_items_on_batch_error ran its items one at a time)"
+    ]
 
 
 # -------------------------------------------------------------------- merge
@@ -372,10 +444,11 @@ def test_merge_unions_fields_in_first_seen_order_taking_only_listing_shards(tmp_
     runner(range(4))
     # a stale fragment from an earlier run, in a shard that no longer lists the field
     (root / "split.1" / "extra.scp").write_text("stale x\n")
-    merged = runner.merge([root / f"split.{i}" for i in range(4)])
-    assert list(merged) == ["hyp", "extra"]
-    assert read_scp(merged["extra"]) == [["utt0", "e0"], ["utt2", "e2"]]
-    assert [r[0] for r in read_scp(merged["hyp"])] == ["utt0", "utt1", "utt2", "utt3"]
+    assert (root / "split.0" / FIELD_KEYS_NAME).read_text() == "extra\nhyp\n"
+    assert runner.merge([root / f"split.{i}" for i in range(4)]) is None
+    assert scp_fields(root) == ["extra", "hyp"]
+    assert read_scp(root / "extra.scp") == [["utt0", "e0"], ["utt2", "e2"]]
+    assert [r[0] for r in read_scp(root / "hyp.scp")] == ["utt0", "utt1", "utt2", "utt3"]
 
 
 def make_shards(tmp_path, shards):
@@ -399,7 +472,7 @@ def make_shards(tmp_path, shards):
         ),
         ([{"hyp": "a x\na y\n"}], r"'a' appears twice in .*split.0/hyp.scp"),
         ([{"hyp": "a x\nb y"}], r"hyp.scp:2: last line has no newline"),
-        ([{}, {}], "no output fields"),
+        ([{}, {}], "^No output keys found in inference results: no shard of "),
     ],
 )
 def test_merge_refuses_duplicate_ids_torn_fragments_and_empty_output(tmp_path, shards, message):
@@ -439,3 +512,97 @@ print(Path({str(tmp_path)!r}, "hyp.scp").read_text(), end="")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "a x\n"
+
+
+# ------------------------------------------------- ESPnet3 202611's forward
+@pytest.mark.parametrize("runner_cls, first_id", [(toys.StaticHooksRunner, "u4"), (toys.ClassHooksRunner, "c4")])
+def test_prepare_model_inputs_and_format_output_overrides_are_called(runner_cls, first_id, tmp_path):
+    dataset = [{"wave": item["speech"]} for item in toys.speech_dataset(3)]
+    assert runner_cls.forward(0, dataset=dataset, model=toys.EchoModel(), input_key="wave") == {
+        "utt_id": first_id, "hyp": "n=4"}
+    batch = runner_cls.forward([1, 2], dataset=dataset, model=toys.EchoModel(), input_key="wave")
+    assert [r["hyp"] for r in batch] == ["n=8", "n=12"]
+    provider = toys.SpeechProvider({"n": 3})
+    runner = runner_cls(provider, input_key="speech", output_dir=tmp_path / "out", batch_size=2)
+    runner.prepare_model_inputs = None  # forward is a class method: an instance attribute cannot reach it
+    with pytest.raises(KeyError, match="wave"):  # the dataset has speech, the override reads wave
+        runner(range(3))
+
+
+def test_super_forward_keeps_the_checked_path():
+    out = toys.SuperForwardRunner.forward(0, dataset=[{"wave": np.zeros(5)}], model=toys.EchoModel(), input_key="wave")
+    assert out == {"utt_id": "c5", "hyp": "n=5", "extra": "x"}
+    with pytest.raises(RuntimeError, match="input_key must be provided"):
+        toys.SuperForwardRunner.forward(0, dataset=[{}], model=toys.EchoModel())
+
+
+@pytest.mark.parametrize(
+    "env, error, message",
+    [
+        ({"model_kwargs": ["scale"]}, TypeError, "^model_kwargs must be a mapping when provided, got list$"),
+        ({"input_key": None}, RuntimeError, r"^input_key must be provided for inference \(a runner option"),
+        ({"input_key": []}, RuntimeError, "input_key must be provided for inference"),
+        ({"inference_contract": {"inputs": {}}, "output_fn": "toys.id_output_fn"}, ValueError,
+         "^output_fn cannot be combined with an inference contract"),
+        ({"inference_contract": {"inputs": {}}, "output_fn_path": "toys.id_output_fn"}, ValueError,
+         "output_fn cannot be combined"),
+    ],
+)
+def test_forward_refuses_bad_settings_with_espnet3_s_exception_types(env, error, message):
+    env = {"input_key": "speech", **env}
+    with pytest.raises(error, match=message):
+        InferenceRunner.forward(0, dataset=toys.speech_dataset(1), model=toys.EchoModel(), **env)
+
+
+@pytest.mark.parametrize("key", ["output_fn", "output_fn_path"])
+def test_output_fn_and_output_fn_path_are_applied(key):
+    out = InferenceRunner.forward(0, dataset=toys.speech_dataset(1), model=toys.EchoModel(), input_key="speech",
+                                  **{key: "toys.id_output_fn"})
+    assert (out["utt_id"], out["n"]) == ("utt0", 4)
+    out = InferenceRunner.forward([0], dataset=toys.speech_dataset(1), model=toys.EchoModel(), input_key="speech",
+                                  output_fn=toys.id_output_fn)  # a callable, as ESPnet3 takes it
+    assert [o["utt_id"] for o in out] == ["utt0"]
+
+
+def test_optional_inputs_are_left_out_when_absent_and_may_not_be_mixed_in_a_batch():
+    from espnet3_rules.systems.base.inference_runner import gather_inputs
+
+    samples = [{"speech": 1}, {"speech": 2}]
+    assert gather_inputs(samples, [0, 1], ["speech", "prompt"], {"prompt"}, True) == {"speech": [1, 2]}
+    assert gather_inputs(samples[:1], [0], ["speech", "prompt"], {"prompt"}, False) == {"speech": 1}
+    samples[1]["prompt"] = "p"
+    with pytest.raises(KeyError, match=r"^Input key 'prompt' not found in dataset item\. Optional inputs cannot be "
+                       r"mixed within one batch: some samples provide it and others do not\. \(dataset index 7;"):
+        gather_inputs(samples, [7, 8], ["speech", "prompt"], {"prompt"}, True)
+
+
+def test_audio_values_are_wav_at_their_rate_and_espnet3_style_writers_get_keywords(tmp_path, monkeypatch):
+    try:
+        from espnet3_rules.contract.kinds.audio import Audio
+    except ImportError:  # the contract package is not here yet: a stand-in of its Audio (array, rate)
+        import dataclasses
+        import types
+
+        Audio = dataclasses.make_dataclass("Audio", ["array", "rate"], frozen=True)
+        module = types.ModuleType("espnet3_rules.contract.kinds.audio")
+        module.Audio = Audio
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    mono = np.array([0.0, 0.5, -0.5, 0.25], dtype=np.float32)
+    stereo = np.array([[0.5, 0.5, 0.5], [-0.5, -0.5, -0.5]], dtype=np.float32)  # (channels, samples)
+    writers = writers_for(tmp_path, {
+        "wide": {"type": "wav", "sample_rate": 16000},
+        "custom": {"writer": {"_target_": "toys.espnet3_style_writer", "precision": 1}},
+    })
+    write(writers, {"utt_id": "sp0.9-a", "audio": Audio(mono, 8000), "st": Audio(stereo, 22050),
+                    "wide": Audio(mono, 8000), "custom": Audio(mono, 8000)})
+    rows = {name: read_scp(writers["shard_dir"] / f"{name}.scp")[0][1] for name in ("audio", "st", "wide", "custom")}
+    assert rows["audio"].endswith("/split.0/audio/sp0.9-a.wav")
+    with wave.open(rows["audio"]) as w:
+        assert (w.getnchannels(), w.getframerate(), w.getnframes()) == (1, 8000, 4)
+    with wave.open(rows["st"]) as w:
+        assert (w.getnchannels(), w.getframerate(), w.getnframes()) == (2, 22050, 3)
+        assert np.frombuffer(w.readframes(1), dtype="<i2").tolist() == [16384, -16384]
+    with wave.open(rows["wide"]) as w:
+        assert w.getframerate() == 16000  # a configured rate wins, as ESPnet3
+    assert rows["custom"].endswith("/split.0/custom/sp0.9-a.txt")
+    assert Path(rows["custom"]).read_text() == "rate=8000\n0.0\n0.5\n-0.5\n0.2\n"

@@ -2,15 +2,20 @@
 
 Mirrors ESPnet3's ``_materialize_output_value`` / ``write_artifact`` rules:
 
-- ``str``/``int``/``float``/``bool`` are written inline; numpy and torch 0-d
-  values through ``.item()``.
-- Arrays and CPU tensors become ``<field>/<utt_id>.npy`` (``.wav`` with an
+- ``str``/``int``/``float``/``bool`` are written inline; numpy scalars and numpy
+  and torch 0-d values through ``.item()``.
+- Arrays and CPU tensors become ``split.N/<field>/<utt_id>.npy`` (``.wav`` with an
   ``output_artifacts`` entry ``{"type": "wav", "sample_rate": N}``, or whatever a
-  custom ``{"writer": "pkg.mod.func"}`` writes); the scp holds the absolute path.
-- A dict becomes ``<field>/<utt_id>.json``; a list of dicts (segments) becomes
-  ``{"<field>": [...]}`` in one JSON file; any other top-level list is refused.
-- Any other object is pickled to ``.pkl``, as ESPnet3 does; ``None`` and
-  ``bytes`` are refused.
+  custom writer writes); the scp holds the absolute path. The suffix is appended
+  to the id (``sp0.9-utt1.npy``), never replacing a dot in it.
+- An ``Audio`` value (the contract's audio kind) is a wav at its own rate unless
+  ``output_artifacts`` says otherwise; its ``(channels, samples)`` array is written
+  as ``(samples, channels)``.
+- A dict becomes ``<field>/<utt_id>.json``; any other object is pickled to ``.pkl``.
+- A top-level list or tuple is a TypeError, as in ESPnet3, except a list of dicts
+  (segments), which we write as ``{"<field>": [...]}`` in one JSON file.
+- ``None``, ``bytes`` and text with a newline are refused (ESPnet3 pickles the
+  first two and writes the third, tearing the scp line).
 
 Values are checked (and JSON/pickle/PCM payloads built in memory) by
 :func:`prepare_value` before anything is written, so a record with one bad
@@ -22,12 +27,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
-from espnet3_rules.engine.contracts import ContractError, import_object
+from espnet3_rules.engine.contracts import ContractError, ContractTypeError, import_object
 from espnet3_rules.engine.files import atomic_path
 
 SUFFIXES = {"npy": ".npy", "wav": ".wav", "json": ".json", "pickle": ".pkl"}
@@ -57,7 +63,7 @@ def unsafe_name_reason(text: str) -> Optional[str]:
 def check_utt_id(value: Any, idx_key: str) -> str:
     """The utterance id as text; refuses lists, non-scalar ids and ids unsafe as file names."""
     if isinstance(value, (list, tuple)):
-        raise ContractError(f"output {idx_key!r} must be a single value, not a {type(value).__name__}")
+        raise ContractTypeError(f"{idx_key!r} must be a single value, not {type(value).__name__}: {value!r:.60}")
     if _is_numpy(value) or _is_torch_tensor(value):
         if getattr(value, "ndim", 0) != 0:
             raise ContractError(
@@ -96,6 +102,8 @@ class ArtifactSpec:
     options: Dict[str, Any] = field(default_factory=dict)
     writer: Optional[Callable[..., Any]] = None
     writer_path: Optional[str] = None
+    #: ESPnet3's ``{"writer": {"_target_": ...}}`` form: called as ``writer(value=, output_path=, **options)``.
+    writer_keywords: bool = False
 
 
 def resolve_artifact_configs(configs: Any, where: str = "output_artifacts") -> Dict[str, ArtifactSpec]:
@@ -119,10 +127,17 @@ def _resolve_one(name: str, config: Any, where: str) -> ArtifactSpec:
     if writer_path is not None:
         if type_name is not None:
             raise ContractError(f"{where}: give either 'type' or 'writer', not both")
+        keywords = isinstance(writer_path, Mapping)
+        if keywords:  # ESPnet3's form: {_target_: pkg.func, **options}
+            writer_config = dict(writer_path)
+            if "_target_" not in writer_config:
+                raise ContractError(f"{where}.writer must name its function as _target_ (or be an import path)")
+            writer_path = writer_config.pop("_target_")
+            config = {**writer_config, **config}
         writer = import_object(writer_path, f"{where}.writer")
         if not callable(writer):
             raise ContractError(f"{where}.writer {writer_path!r} is not callable")
-        return ArtifactSpec(options=config, writer=writer, writer_path=writer_path)
+        return ArtifactSpec(options=config, writer=writer, writer_path=writer_path, writer_keywords=keywords)
     if type_name not in SUFFIXES:
         raise ContractError(f"{where}.type must be one of {sorted(SUFFIXES)} (or give a writer), got {type_name!r}")
     if type_name == "wav":
@@ -181,6 +196,8 @@ def prepare_value(value: Any, field_name: str, utt_id: str, spec: Optional[Artif
     where = f"field {field_name!r} of {utt_id!r}"
     if isinstance(value, (str, int, float, bool)):
         return _inline(str(value), where)
+    if _is_audio(value):
+        value, spec = _audio_array(value, spec)
     if value is None:
         raise ContractError(f"{where} is None; return a value (an empty string for no text) or leave the key out")
     if isinstance(value, (bytes, bytearray)):
@@ -193,11 +210,31 @@ def prepare_value(value: Any, field_name: str, utt_id: str, spec: Optional[Artif
         # segments (a list of dicts, possibly empty) are one JSON document, as in ESPnet3
         return _prepare_object({field_name: value}, where, spec, default="json")
     if isinstance(value, (list, tuple)):
-        raise ContractError(
-            f"{where} is a top-level {type(value).__name__}; return one value per field, an array, "
-            "or wrap structured content in a dict (saved as JSON)"
+        raise ContractTypeError(
+            f"Top-level list outputs are not supported for {field_name!r}. Return a single value per field, "
+            f"or wrap structured content in a dict so it can be saved as JSON. ({where} is a {type(value).__name__})"
         )
     return _prepare_object(value, where, spec, default="pickle")
+
+
+def _is_audio(value: Any) -> bool:
+    """An ``Audio`` of the contract package (ours or ESPnet3's), recognised without importing it."""
+    for module in ("espnet3_rules.contract.kinds.audio", "espnet3.contract.kinds.audio"):
+        audio = getattr(sys.modules.get(module), "Audio", None)
+        if audio is not None and isinstance(value, audio):
+            return True
+    return False
+
+
+def _audio_array(audio: Any, spec: Optional[ArtifactSpec]) -> Tuple[Any, ArtifactSpec]:
+    """An ``Audio``'s array and how to write it: a wav at its rate unless ``output_artifacts`` says otherwise."""
+    if spec is None:
+        spec = ArtifactSpec(type="wav", options={"sample_rate": int(audio.rate)})
+    elif spec.writer is not None and "sample_rate" not in spec.options:
+        spec = replace(spec, options={**spec.options, "sample_rate": int(audio.rate)})
+    array = audio.array
+    wav = spec.type == "wav" or spec.writer is not None
+    return (array.T if wav and array.ndim == 2 else array), spec
 
 
 def _prepare_array(value: Any, where: str, spec: Optional[ArtifactSpec]) -> PreparedValue:
@@ -329,7 +366,10 @@ def _run_writer(prepared: PreparedValue, path_without_suffix: Path) -> Path:
     """Call a custom ``writer(value, path_without_suffix, **options)``; it must return an existing file."""
     spec = prepared.spec
     path_without_suffix.parent.mkdir(parents=True, exist_ok=True)
-    result = spec.writer(prepared.payload, path_without_suffix, **spec.options)
+    if spec.writer_keywords:
+        result = spec.writer(value=prepared.payload, output_path=path_without_suffix, **spec.options)
+    else:
+        result = spec.writer(prepared.payload, path_without_suffix, **spec.options)
     if not isinstance(result, (str, os.PathLike)):
         raise ContractError(
             f"artifact writer {spec.writer_path} returned {type(result).__name__}, not the written path"
