@@ -751,3 +751,41 @@ def snapshot(directory: Path) -> Dict[str, bytes]:
 def expected_text(indices: Any) -> str:
     """What MyTextRunner writes for ``indices``."""
     return "".join(f"utt{i:03d} W{i}\n" for i in indices)
+
+
+# ------------------------------------------- BaseRunner conformance (issue 12: forward kinds, hooks)
+class ClassHelperRunner(CollectRunner):
+    """A @classmethod forward built from ``cls`` helpers (a class attribute, a static and a class method)."""
+
+    prefix = "A"
+
+    @staticmethod
+    def render(text):
+        return text.lower()
+
+    @classmethod
+    def label(cls, idx):
+        return f"{cls.prefix}{idx}"
+
+    @classmethod
+    def forward(cls, idx, dataset, model, **env):
+        note_call(env, idx)
+        return {"idx": idx, "label": cls.label(idx), "hyp": cls.render(model(dataset[idx]))}
+
+
+class SubClassHelperRunner(ClassHelperRunner):
+    """The same forward; ``cls`` is the subclass, so its helpers are the ones called."""
+
+    prefix = "B"
+
+    @staticmethod
+    def render(text):
+        return f"<{text}>"
+
+
+class PositionalCloseRunner(CollectRunner):
+    """close_writers takes the state positionally under another name (ESPnet3 passes it positionally)."""
+
+    @staticmethod
+    def close_writers(writers, st):
+        return {"n_closed": len(st["records"]), "saw_writers": "_writers" in st}

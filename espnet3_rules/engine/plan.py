@@ -234,7 +234,7 @@ def _describe_items(items: List[Any]) -> str:
     """A short description of a shard's items for messages: count, first and last."""
     if not items:
         return "no items"
-    unit = "batches" if isinstance(items[0], list) else "items"
+    unit = "batch(es)" if isinstance(items[0], list) else "item(s)"
     return f"{len(items)} {unit} {items[0]!r}..{items[-1]!r}"
 
 
