@@ -206,6 +206,8 @@ def test_error_types_are_espnet3s(tmp_path):
     (tmp_path / "split.1" / "done").unlink()
     with pytest.raises(FileNotFoundError):  # message: test_cli
         completed_shard_dirs(fx.plan_of(runner, range(4)))
+    with pytest.raises(TypeError):  # ESPnet3: build_worker_setup_fn is abstract; message: test_common_mistakes
+        fx.LocalOnlyProvider({"n": 2}).build_worker_setup_fn()
 
 
 def test_is_shard_done_is_true_for_a_readable_done_record(tmp_path):
