@@ -212,7 +212,7 @@ def test_runner_call_refuses_as_the_plan_rule_does_before_running_anything(tmp_p
 def test_runner_call_needs_an_output_dir(tmp_path, monkeypatch, output_dir):
     monkeypatch.chdir(tmp_path)
     refuse(lambda: words_runner(tmp_path, output_dir=output_dir)(range(5)),
-           r"^CollectRunner needs output_dir: shards write split\.N/ under it$")
+           r"^CollectRunner requires output_dir for shard execution: shards write split\.N/ under it$")
     assert list(tmp_path.iterdir()) == []
 
 

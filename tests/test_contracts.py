@@ -74,7 +74,7 @@ def test_forward_without_var_kwargs_gets_only_its_names(tmp_path):
 
 def test_keyword_only_forward_and_defaults_for_names_no_env_gives(tmp_path):
     assert fx.KeywordOnlyRunner(words(2), output_dir=tmp_path)(range(2)) == [[0, 1, "W0"], [1, 1, "W1"]]
-    assert fx.KeywordOnlyRunner(words(1, beam=4), output_dir=tmp_path)(range(1)) == [[0, 4, "W0"]]
+    assert fx.KeywordOnlyRunner(words(1, beam=4), output_dir=tmp_path / "beam")(range(1)) == [[0, 4, "W0"]]
 
 
 def test_var_kwargs_forward_gets_every_env_key(tmp_path):

@@ -876,3 +876,41 @@ def espnet3_style_writer(value: Any, output_path: Path, precision: int = 3, samp
     lines = [f"{v:.{precision}f}" for v in np.asarray(value).ravel()]
     out.write_text("\n".join([f"rate={sample_rate}", *lines]) + "\n", encoding="utf-8")
     return out
+
+
+# ------------------------------------------- BaseRunner conformance (issue 12: forward kinds, hooks)
+class ClassHelperRunner(CollectRunner):
+    """A @classmethod forward built from ``cls`` helpers (a class attribute, a static and a class method)."""
+
+    prefix = "A"
+
+    @staticmethod
+    def render(text):
+        return text.lower()
+
+    @classmethod
+    def label(cls, idx):
+        return f"{cls.prefix}{idx}"
+
+    @classmethod
+    def forward(cls, idx, dataset, model, **env):
+        note_call(env, idx)
+        return {"idx": idx, "label": cls.label(idx), "hyp": cls.render(model(dataset[idx]))}
+
+
+class SubClassHelperRunner(ClassHelperRunner):
+    """The same forward; ``cls`` is the subclass, so its helpers are the ones called."""
+
+    prefix = "B"
+
+    @staticmethod
+    def render(text):
+        return f"<{text}>"
+
+
+class PositionalCloseRunner(CollectRunner):
+    """close_writers takes the state positionally under another name (ESPnet3 passes it positionally)."""
+
+    @staticmethod
+    def close_writers(writers, st):
+        return {"n_closed": len(st["records"]), "saw_writers": "_writers" in st}

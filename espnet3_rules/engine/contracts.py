@@ -35,6 +35,10 @@ class ContractAttributeError(ContractError, AttributeError):
     """A :class:`ContractError` where ESPnet3 raises ``AttributeError`` (e.g. a config key it reads is missing)."""
 
 
+class ContractFileNotFoundError(ContractError, FileNotFoundError):
+    """A :class:`ContractError` where ESPnet3 raises ``FileNotFoundError`` (a shard not complete at merge)."""
+
+
 def import_object(path: str, what: str = "object") -> Any:
     """Import ``package.module.Name`` (nested attributes allowed), with a clear error."""
     if not isinstance(path, str) or "." not in path:
@@ -75,12 +79,13 @@ def check_runner_class(runner_cls: type) -> None:
     if forward is None:
         raise ContractError(f"{name} has no forward(); define @staticmethod forward(idx, dataset, model, **env)")
     if not isinstance(forward, (staticmethod, classmethod)):
-        raise ContractError(
+        # ESPnet3 calls cls.forward(item, **env): an instance method fails there with a TypeError
+        raise ContractTypeError(
             f"{name}.forward must be a @staticmethod or @classmethod (it is a {type(forward).__name__}); "
             "shards call it without an instance, so it must not take or capture self"
         )
     if getattr(forward.__func__, "__isabstractmethod__", False):
-        raise ContractError(f"{name}.forward is abstract; implement it in a subclass")
+        raise ContractTypeError(f"{name}.forward is abstract; implement it in a subclass")
 
 
 def check_setup_fn(provider: Any, setup_fn: Any) -> Callable[[], Dict[str, Any]]:

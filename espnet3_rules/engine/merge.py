@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, List
 
-from espnet3_rules.engine.contracts import ContractError
+from espnet3_rules.engine.contracts import ContractFileNotFoundError
 from espnet3_rules.engine.files import write_json_atomic
 from espnet3_rules.engine.plan import ShardPlan, jsonable
 from espnet3_rules.engine.shard import done_path, is_shard_done, read_done
@@ -22,7 +22,8 @@ def pending_shards(plan: ShardPlan) -> List[int]:
 
 
 def completed_shard_dirs(plan: ShardPlan, set_aside: bool = False) -> List[Path]:
-    """All shard dirs in shard-id order; a clear error lists missing, torn and stale shards.
+    """All shard dirs in shard-id order; a clear error lists missing, torn and stale shards
+    (a ``FileNotFoundError``, as ESPnet3's for a shard that is not complete).
 
     With ``set_aside``, an untrusted ``done`` (torn, or from another plan) is renamed to
     ``done.rejected``: Snakemake, which only sees that ``done`` exists, then reruns that shard.
@@ -47,7 +48,7 @@ def completed_shard_dirs(plan: ShardPlan, set_aside: bool = False) -> List[Path]
             shard_dir = plan.shard_dir(shard_id)
             os.replace(done_path(shard_dir), shard_dir / REJECTED_DONE_NAME)
         advice += f" (untrusted done renamed to {REJECTED_DONE_NAME}, so the next snakemake run redoes them)"
-    raise ContractError(f"cannot merge {plan.root}: shards {'; '.join(parts)}; {advice}")
+    raise ContractFileNotFoundError(f"cannot merge {plan.root}: shards {'; '.join(parts)}; {advice}")
 
 
 def merge_plan(runner: Any, plan: ShardPlan) -> Any:

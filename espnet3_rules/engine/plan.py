@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from espnet3_rules.engine.contracts import ContractError, check_setup_fn
+from espnet3_rules.engine.contracts import ContractError, ContractRuntimeError, check_setup_fn
 from espnet3_rules.engine.files import write_json_atomic
 from espnet3_rules.engine.job import JobSpec, build_provider, build_runner, check_classes, count_items
 
@@ -162,11 +162,13 @@ class ShardPlan:
         return f"{self.n_shards} shards x {per} {unit} ({self.n_items} items, batch_size={self.job.batch_size})"
 
 
-def make_plan(job: JobSpec, indices: Sequence[Any]) -> ShardPlan:
+def make_plan(job: JobSpec, indices: Sequence[Any], at_most_one_shard_per_item: bool = False) -> ShardPlan:
     """Batch ``indices`` and split them into ``job.n_shards`` contiguous shards.
 
     Refuses an empty item list and more shards than items (batches): every shard
-    of the plan is a real job with work to do.
+    of the plan is a real job with work to do. With ``at_most_one_shard_per_item``
+    (``n_shards`` from ESPnet3's ``n_workers``), more shards than items are lowered
+    to one per item instead, as ESPnet3 drops its empty shards.
     """
     n_shards = job.n_shards
     if not isinstance(n_shards, int) or isinstance(n_shards, bool) or n_shards < 1:
@@ -177,10 +179,63 @@ def make_plan(job: JobSpec, indices: Sequence[Any]) -> ShardPlan:
     if not indices:
         raise ContractError("the dataset is empty: nothing to shard")
     items = make_batches(indices, job.batch_size)
+    if at_most_one_shard_per_item and n_shards > len(items):
+        job = replace(job, n_shards=len(items))
+        n_shards = job.n_shards
     if n_shards > len(items):
         unit = "batches" if job.batch_size else "items"
         raise ContractError(f"n_shards ({n_shards}) exceeds the number of {unit} ({len(items)}); lower n_shards")
     return ShardPlan(job=job, shards=split_contiguous(items, n_shards), n_items=len(indices))
+
+
+def check_same_layout(plan: ShardPlan) -> None:
+    """Refuse to resume over a ``manifest.json`` whose shards hold other items (ESPnet3's resume rule).
+
+    No manifest yet is fine; so is one of the same layout with another fingerprint
+    (its shards are redone). Nothing is deleted or written.
+
+    Raises:
+        ContractRuntimeError: The shard count or some shard's items (batching included) differ,
+            or the manifest has no ``shards`` list.
+        ContractError: The manifest is not valid JSON.
+    """
+    path = plan.manifest_path
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ContractError(f"{path}: manifest is not valid JSON ({exc})") from None
+    shards = data.get("shards") if isinstance(data, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and "items" in s for s in shards):
+        raise ContractRuntimeError(f"Shard manifest is missing 'shards': {path}")
+    advice = (
+        "re-run with the original settings, pass resume=False to replan and overwrite, "
+        f"or remove the existing shard outputs under {plan.root}"
+    )
+    if len(shards) != plan.n_shards:
+        raise ContractRuntimeError(
+            f"Cannot resume with a different number of parallel shards: {path} has {len(shards)} shard(s), "
+            f"but this run planned {plan.n_shards}; {advice}"
+        )
+    ordered = sorted(shards, key=lambda s: s.get("shard_id", 0))
+    changed = [i for i, (old, new) in enumerate(zip(ordered, plan.shards)) if decode_items(old["items"]) != new]
+    if changed:
+        shard_id = changed[0]
+        old, new = decode_items(ordered[shard_id]["items"]), plan.shards[shard_id]
+        raise ContractRuntimeError(
+            f"Cannot resume because the shard plan changed: in {path}, split.{shard_id} "
+            f"(of {len(changed)} changed shard(s)) holds {_describe_items(old)}, this run {_describe_items(new)} "
+            f"(other indices or batch_size); {advice}"
+        )
+
+
+def _describe_items(items: List[Any]) -> str:
+    """A short description of a shard's items for messages: count, first and last."""
+    if not items:
+        return "no items"
+    unit = "batch(es)" if isinstance(items[0], list) else "item(s)"
+    return f"{len(items)} {unit} {items[0]!r}..{items[-1]!r}"
 
 
 def write_manifest(plan: ShardPlan) -> Path:

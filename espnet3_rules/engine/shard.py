@@ -3,27 +3,45 @@
 Only the public ESPnet3 contract of the runner class is used: ``init_state``,
 ``forward``, ``reduce_state`` (or, where it is the standard one, ``write_record``
 directly), ``finalize_state``.
+
+Shard locks (``split.N/lock``) keep two ``runner(indices)`` calls on one output dir
+from running the same shard at once. Snakemake shard jobs (``run-shard``) take none:
+Snakemake locks its working directory itself, and a shard job requeued on another
+host must not be refused by the lock of the one that died.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
+import socket
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from espnet3_rules.engine.contracts import ContractError, check_env, check_forward_env, check_setup_fn, env_kwargs
+from espnet3_rules.engine.contracts import (
+    ContractError,
+    ContractRuntimeError,
+    check_env,
+    check_forward_env,
+    check_setup_fn,
+    env_kwargs,
+)
 from espnet3_rules.engine.files import atomic_path, write_json_atomic
 from espnet3_rules.engine.job import shard_env
 from espnet3_rules.engine.plan import ShardPlan
 
 DONE_NAME = "done"
 STATE_NAME = "_state.pkl"
+LOCK_NAME = "lock"
+
+logger = logging.getLogger(__name__)
 
 #: Attribute that marks a base class's standard hook, so the shard loop may skip calling it:
 #: ``"fold_via_write_record"`` on a ``reduce_state`` that only calls ``write_record``;
@@ -64,6 +82,96 @@ def read_done(shard_dir: Path) -> Optional[Dict[str, Any]]:
 def is_shard_done(plan: ShardPlan, shard_id: int) -> bool:
     """True only if the shard's ``done`` was written by a run of this very plan."""
     return (read_done(plan.shard_dir(shard_id)) or {}).get("fingerprint") == plan.fingerprint
+
+
+def lock_path(shard_dir: Path) -> Path:
+    """The ``split.N/lock`` of a shard run by ``runner(indices)``."""
+    return Path(shard_dir) / LOCK_NAME
+
+
+def _read_lock(path: Path) -> Optional[bytes]:
+    """The lock file's bytes, or ``None`` if it is gone."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _lock_owner(held: bytes) -> Optional[Dict[str, Any]]:
+    """``{pid, host, started}`` of a lock file, or ``None`` if unreadable (e.g. ESPnet3's bare pid)."""
+    try:
+        owner = json.loads(held.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(owner, dict) or type(owner.get("pid")) is not int or not isinstance(owner.get("host"), str):
+        return None
+    return owner
+
+
+def lock_owner_gone(owner: Dict[str, Any]) -> bool:
+    """True only if the owner ran on this host and no process has its pid any more."""
+    if owner["host"] != socket.gethostname() or owner["pid"] <= 0:
+        return False
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, another user's
+        return False
+    return False
+
+
+def _judge_held_lock(shard_dir: Path, held: bytes, allow_overwrite: bool) -> None:
+    """Return if the held lock may be taken over (owner gone, or ``allow_overwrite``); raise otherwise."""
+    owner = _lock_owner(held)
+    who = "unreadable lock"
+    if owner is not None:
+        who = f"pid {owner['pid']} on host {owner['host']} since {owner.get('started')}"
+    if owner is not None and lock_owner_gone(owner):
+        logger.warning("%s: taking over the lock of a runner that is gone (%s)", shard_dir, who)
+    elif allow_overwrite:
+        logger.warning("%s: overwriting the lock (%s): allow_overwrite_lock is set", shard_dir, who)
+    else:
+        raise ContractRuntimeError(
+            f"Shard is already locked by another runner: {shard_dir} ({who}); if that run is gone, "
+            "set allow_overwrite_lock: true in the parallel config (set_parallel) to take the lock over"
+        )
+
+
+def take_shard_lock(shard_dir: Path, allow_overwrite: bool = False) -> bytes:
+    """Create ``split.N/lock`` atomically (``O_EXCL``) holding ``{pid, host, started}``.
+
+    An existing lock is taken over if its owner ran on this host and is gone, or
+    with ``allow_overwrite`` (another host's or an unreadable lock: only when that run
+    is known to be gone); otherwise :class:`ContractRuntimeError` names its owner.
+
+    Returns:
+        The lock's content, for :func:`release_shard_lock`.
+    """
+    path = lock_path(shard_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode("utf-8")
+    for _ in range(3):  # a lock removed or replaced between the attempts: judge the new one
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = _read_lock(path)
+            if held is not None:
+                _judge_held_lock(Path(shard_dir), held, allow_overwrite)
+                release_shard_lock(shard_dir, held)
+            continue
+        with os.fdopen(fd, "wb") as f:
+            f.write(record)
+        return record
+    raise ContractRuntimeError(f"Shard is already locked by another runner: {shard_dir} (its lock keeps changing)")
+
+
+def release_shard_lock(shard_dir: Path, held: bytes) -> None:
+    """Remove ``split.N/lock`` if it still holds ``held`` (not a lock someone else took since)."""
+    path = lock_path(shard_dir)
+    if _read_lock(path) == held:
+        path.unlink(missing_ok=True)
 
 
 def save_state(state: Dict[str, Any], shard_dir: Path) -> Path:

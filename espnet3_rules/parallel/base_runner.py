@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from espnet3_rules.engine.contracts import (
-    ContractError,
+    ContractRuntimeError,
     check_env,
     check_forward_env,
     check_runner_class,
@@ -22,9 +23,18 @@ from espnet3_rules.engine.contracts import (
 )
 from espnet3_rules.engine.files import concatenate_shard_files
 from espnet3_rules.engine.job import JobSpec, declared_env_keys, shard_root
-from espnet3_rules.engine.merge import merge_plan, pending_shards
-from espnet3_rules.engine.plan import jsonable, make_plan, write_manifest
-from espnet3_rules.engine.shard import load_state, run_shard, standard_hook
+from espnet3_rules.engine.merge import merge_plan
+from espnet3_rules.engine.plan import ShardPlan, check_same_layout, jsonable, make_plan, write_manifest
+from espnet3_rules.engine.shard import (
+    is_shard_done,
+    load_state,
+    read_done,
+    release_shard_lock,
+    run_shard,
+    standard_hook,
+    take_shard_lock,
+)
+from espnet3_rules.parallel.parallel import get_parallel_config
 
 __all__ = ["BaseRunner", "concatenate_shard_files"]
 
@@ -70,9 +80,13 @@ class BaseRunner(ABC):
         batch_size: If set, ``forward`` receives lists of this many indices.
         output_dir: Root of shard outputs (required; ``""`` counts as missing).
         shard_subdir: Sub-path of ``output_dir`` for ``manifest.json`` and ``split.N/``.
-        resume: Skip shards whose ``done`` matches the current plan.
-        n_shards: Shards the items are split into by ``runner(indices)`` (ESPnet3 takes
-            this from the parallel config's ``n_workers``; the Snakemake workflow from the config).
+        resume: Skip shards whose ``done`` matches the current plan; refuse a plan whose
+            shards hold other items than the existing ``manifest.json``'s (as ESPnet3).
+            ``False``: replan, overwrite the manifest and rerun every shard.
+        n_shards: Shards the items are split into by ``runner(indices)``. ``None``: the
+            parallel config's ``n_workers`` (:func:`~espnet3_rules.parallel.parallel.set_parallel`;
+            at most one shard per item, as ESPnet3), or 1 without one. The Snakemake
+            workflow takes it from the job config.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "BaseRunner":
@@ -88,7 +102,7 @@ class BaseRunner(ABC):
         output_dir: Any = None,
         shard_subdir: str = "",
         resume: bool = True,
-        n_shards: int = 1,
+        n_shards: Optional[int] = None,
     ):
         """Keep the provider and the shard layout settings."""
         self.provider = provider
@@ -224,17 +238,39 @@ class BaseRunner(ABC):
         Returns:
             The final state (saved as ``split.N/_state.pkl``).
         """
-        writers = state.pop("_writers", {})
-        meta = cls.close_writers(writers, **env_kwargs(cls.close_writers, {"state": state, **env}, 1))
+        close = cls.close_writers
+        writers = state.get("_writers", {})
+        if takes_positional(close, 2):  # ESPnet3 passes the state positionally
+            meta = close(writers, state, **env_kwargs(close, env, 2))
+        else:
+            meta = close(writers, **env_kwargs(close, {"state": state, **env}, 1))
         if meta:
             state.update(meta)
+        state.pop("_writers", None)
         return state
+
+    @classmethod
+    def is_shard_done(cls, shard_dir: Any) -> bool:
+        """Whether ``shard_dir`` has a completion marker: a readable ``done`` record.
+
+        ``runner(indices)`` and the merge trust a ``done`` only if it was also written
+        for the current plan (its fingerprint, :func:`espnet3_rules.engine.shard.is_shard_done`).
+
+        Args:
+            shard_dir: A ``split.N/`` directory.
+
+        Returns:
+            ``True`` if its ``done`` holds a record, from any plan.
+        """
+        return read_done(Path(shard_dir)) is not None
 
     # ------------------------------------------------------------ Python API
     def job_spec(self) -> JobSpec:
         """The job description of this runner, recorded from the live objects."""
         if self.output_dir is None:
-            raise ContractError(f"{type(self).__name__} needs output_dir: shards write split.N/ under it")
+            raise ContractRuntimeError(
+                f"{type(self).__name__} requires output_dir for shard execution: shards write split.N/ under it"
+            )
         provider = self.provider
         return JobSpec(
             name=type(self).__name__,
@@ -242,7 +278,7 @@ class BaseRunner(ABC):
             provider=class_path(type(provider)),
             output_dir=str(self.output_dir),
             shard_subdir=self.shard_subdir,
-            n_shards=self.n_shards,
+            n_shards=self.n_shards if self.n_shards is not None else parallel_n_workers(),
             batch_size=self.batch_size,
             # as given: an InferenceProvider merges its params into its config
             provider_config=getattr(provider, "_given_config", None) or jsonable(getattr(provider, "config", None) or {}),
@@ -253,11 +289,22 @@ class BaseRunner(ABC):
     def __call__(self, indices: Iterable[Any]) -> Any:
         """Plan, run the pending shards in-process (env built once), merge.
 
+        Each pending shard is locked (``split.N/lock``) before any runs, so a second
+        ``runner(indices)`` on the same output dir is refused instead of running it twice;
+        see :func:`~espnet3_rules.engine.shard.take_shard_lock`. Shards run one after another
+        in this process, whatever the parallel config's ``env``.
+
         Args:
             indices: The dataset indices to process.
 
         Returns:
             What ``merge`` returns.
+
+        Raises:
+            RuntimeError: No ``output_dir``; ``resume=True`` over a manifest of another shard
+                layout; a shard locked by another runner.
+            ValueError: A bad ``batch_size``, ``n_shards`` or index list.
+            TypeError: ``forward`` is not a static or class method.
         """
         job = self.job_spec()
         provider_name = type(self.provider).__name__
@@ -265,11 +312,49 @@ class BaseRunner(ABC):
         keys = declared_env_keys(job, type(self.provider))
         if keys is not None:
             check_forward_env(type(self), keys, provider_name)
-        plan = make_plan(job, list(indices))
+        plan = make_plan(job, list(indices), at_most_one_shard_per_item=self.n_shards is None)
+        if self.resume:
+            check_same_layout(plan)
         write_manifest(plan)
-        pending = pending_shards(plan) if self.resume else list(range(plan.n_shards))
-        if pending:
-            env = check_env(self.provider, self.provider.build_env_local())
-            for shard_id in pending:
-                run_shard(type(self), plan, shard_id, env, provider_name)
+        with ExitStack() as locks:
+            pending = self._lock_pending(plan, locks)
+            if pending:
+                env = check_env(self.provider, self.provider.build_env_local())
+                for shard_id, held in pending:
+                    run_shard(type(self), plan, shard_id, env, provider_name)
+                    release_shard_lock(plan.shard_dir(shard_id), held)
         return merge_plan(self, plan)
+
+    def _lock_pending(self, plan: ShardPlan, locks: ExitStack) -> List[Tuple[int, bytes]]:
+        """Lock every shard to run (with ``resume``: not done for this plan); ``locks`` releases them.
+
+        A done shard is skipped without locking, and again if another runner finished it
+        while this one waited for the lock (as ESPnet3's ``_filter_pending_shards``).
+        """
+        allow_overwrite = bool(getattr(get_parallel_config(), "allow_overwrite_lock", False))
+        pending = []
+        for shard_id, shard_dir in enumerate(plan.shard_dirs()):
+            if self.resume and is_shard_done(plan, shard_id):
+                continue
+            held = take_shard_lock(shard_dir, allow_overwrite)
+            locks.callback(release_shard_lock, shard_dir, held)
+            if self.resume and is_shard_done(plan, shard_id):
+                release_shard_lock(shard_dir, held)
+                continue
+            pending.append((shard_id, held))
+        return pending
+
+
+def parallel_n_workers() -> int:
+    """Shards of a runner not given ``n_shards``: the parallel config's ``n_workers`` (at least 1), else 1."""
+    config = get_parallel_config()
+    return max(1, int(getattr(config, "n_workers", 1))) if config is not None else 1
+
+
+def takes_positional(fn: Callable, n: int) -> bool:
+    """Whether ``fn`` accepts ``n`` positional arguments."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return True
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds for p in params) >= n

@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Dict, Mapping, Optional, Set
 
-from espnet3_rules.engine.contracts import ContractError
+from espnet3_rules.engine.contracts import ContractTypeError
 from espnet3_rules.engine.plan import jsonable
 
 
@@ -61,8 +61,8 @@ class EnvironmentProvider(ABC):
         provider keeps working because this default delegates to it.
         """
         legacy = getattr(type(self), "make_worker_setup_fn", None)
-        if legacy is None:
-            raise ContractError(
+        if legacy is None:  # ESPnet3: abstract, so constructing such a provider is a TypeError
+            raise ContractTypeError(
                 f"{type(self).__name__} must implement build_worker_setup_fn(): shard processes build their env with it"
             )
         return legacy(self)

@@ -1,0 +1,54 @@
+"""The parallel config of ``runner(indices)``, at ESPnet3's path (``espnet3.parallel.parallel``).
+
+``set_parallel(config)`` / ``get_parallel_config()`` keep one module-level config, as
+ESPnet3's do. ``runner(indices)`` reads two things from it:
+
+- ``n_workers``: the number of shards when the runner was not given ``n_shards``;
+- ``allow_overwrite_lock``: take over a shard lock whose owner cannot be proven gone
+  (another host's, or an unreadable one); see :mod:`espnet3_rules.engine.shard`.
+
+Its ``env`` and ``options`` (ESPnet3's Dask cluster: ``local``, ``slurm``, ...) are kept
+but not used: ``runner(indices)`` runs its shards in-process, one after another. Run
+them on a cluster with the Snakemake workflow (its SLURM profile).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping, Optional
+
+from espnet3_rules.engine.contracts import ContractTypeError
+
+__all__ = ["get_parallel_config", "set_parallel"]
+
+#: The config set by :func:`set_parallel` (``None`` until then).
+parallel_config: Optional[Any] = None
+
+
+def set_parallel(config: Optional[Any]) -> None:
+    """Set the parallel config that ``runner(indices)`` reads.
+
+    Args:
+        config: A mapping or OmegaConf ``DictConfig`` (e.g. ``{"env": "local", "n_workers": 4}``),
+            stored as a ``DictConfig`` copy with ``options`` defaulting to ``{}``. ``None`` keeps
+            the config already set, or sets ESPnet3's default ``{"env": "local", "n_workers": 1}``.
+    """
+    from omegaconf import OmegaConf
+
+    global parallel_config
+    if config is None:
+        if parallel_config is not None:
+            return
+        config = {"env": "local", "n_workers": 1}
+    if not (OmegaConf.is_config(config) or isinstance(config, Mapping)):
+        raise ContractTypeError(
+            f"set_parallel() takes a mapping or DictConfig (or None), got {type(config).__name__}"
+        )
+    stored = copy.deepcopy(config) if OmegaConf.is_config(config) else OmegaConf.create(dict(config))
+    stored.options = dict(stored.get("options") or {})
+    parallel_config = stored
+
+
+def get_parallel_config() -> Optional[Any]:
+    """The config set by :func:`set_parallel`, or ``None``."""
+    return parallel_config
