@@ -178,7 +178,7 @@ def check_forward_env(runner_cls: type, env_keys: Iterable[str], provider_name: 
     missing = missing_env_names(runner_cls.forward, keys)
     if missing:
         source = f"{provider_name}'s env" if provider_name else "the env"
-        raise ContractError(
+        raise ContractTypeError(
             f"{runner_cls.__name__}.forward needs {', '.join(map(repr, missing))} but {source} provides "
             f"{keys}; rename the env keys or the forward parameters, or read them from **env"
         )
