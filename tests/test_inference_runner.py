@@ -435,6 +435,37 @@ def test_item_that_fails_alone_too_raises_its_own_error_noting_the_batch():
     ]
 
 
+# ----------------------------------------------------------------- contract
+TEXT_CONTRACT = {
+    "inputs": {"text": {"kind": "text"}, "prompt": {"kind": "text", "optional": True}},
+    "outputs": {"text": {"kind": "text", "normalize": ["strip", "to_lower"]}},
+}
+
+
+def echo_model(text, prompt=""):
+    """A backend whose output shows which inputs it got."""
+    if isinstance(text, list):
+        return [{"text": f"  {prompt}{t.upper()} "} for t in text]
+    return {"text": f"  {prompt}{text.upper()} "}
+
+
+def test_contract_normalizes_outputs_attaches_the_id_and_passes_optional_inputs():
+    dataset = [{"text": "Hi"}, {"text": "Yo", "prompt": "p:"}, {"text": "a"}]
+    env = {"input_key": ["text", "prompt"], "inference_contract": TEXT_CONTRACT}
+    assert InferenceRunner.forward(1, dataset, echo_model, **env) == {"text": "p:yo", "utt_id": "1"}
+    assert InferenceRunner.forward([0, 2], dataset, echo_model, **env) == [
+        {"text": "hi", "utt_id": "0"},
+        {"text": "a", "utt_id": "2"},
+    ]
+
+
+def test_contract_refuses_optional_inputs_mixed_within_a_batch():
+    dataset = [{"text": "Hi"}, {"text": "Yo", "prompt": "p:"}]
+    env = {"input_key": ["text", "prompt"], "inference_contract": TEXT_CONTRACT}
+    with pytest.raises(KeyError, match="Optional inputs cannot be mixed within one batch"):
+        InferenceRunner.forward([0, 1], dataset, echo_model, **env)
+
+
 # -------------------------------------------------------------------- merge
 def test_merge_unions_fields_in_first_seen_order_taking_only_listing_shards(tmp_path):
     runner = make_runner(
