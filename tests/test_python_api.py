@@ -222,6 +222,15 @@ def test_is_shard_done_is_true_for_a_readable_done_record(tmp_path):
     assert not fx.CollectRunner.is_shard_done(tmp_path / "missing")
 
 
+def test_an_is_shard_done_override_is_asked_too_before_a_shard_is_skipped(tmp_path):
+    provider = fx.SampleProvider({"n": 4, "extra_env": {"calls_file": str(tmp_path / "calls")}})
+    runner = fx.NeedsShardFileRunner(provider, output_dir=tmp_path / "out", n_shards=2)
+    runner(range(4))
+    (tmp_path / "out" / "split.1" / "keep").touch()
+    records = runner(range(4))
+    assert fx.read_lines(tmp_path / "calls") == ["0", "1", "2", "3", "0", "1"], "split.0 again, split.1 skipped"
+    assert [r["idx"] for r in records] == [0, 1, 2, 3]
+
 def test_close_writers_gets_the_state_positionally_before_the_writers_leave_it(tmp_path):
     fx.PositionalCloseRunner(fx.SampleProvider({"n": 3}), output_dir=tmp_path)(range(3))
     state = fx.state_of(tmp_path / "split.0")

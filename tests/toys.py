@@ -393,6 +393,14 @@ class ShardOrderRunner(CollectRunner):
         return [Path(d).name for d in shard_dirs]
 
 
+class NeedsShardFileRunner(CollectRunner):
+    """Overrides ``is_shard_done`` (as ESPnet3 users may): a shard counts as done only with its ``keep`` file."""
+
+    @classmethod
+    def is_shard_done(cls, shard_dir):
+        return super().is_shard_done(shard_dir) and (Path(shard_dir) / "keep").exists()
+
+
 class OtherCollectRunner(CollectRunner):
     """Same forward as CollectRunner, another class."""
 

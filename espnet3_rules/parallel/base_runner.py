@@ -255,6 +255,8 @@ class BaseRunner(ABC):
 
         ``runner(indices)`` and the merge trust a ``done`` only if it was also written
         for the current plan (its fingerprint, :func:`espnet3_rules.engine.shard.is_shard_done`).
+        ``runner(indices)`` also asks this method (as ESPnet3 does), so an override may add
+        conditions (an output file present, say); it cannot make an untrusted ``done`` count.
 
         Args:
             shard_dir: A ``split.N/`` directory.
@@ -331,14 +333,17 @@ class BaseRunner(ABC):
         A done shard is skipped without locking, and again if another runner finished it
         while this one waited for the lock (as ESPnet3's ``_filter_pending_shards``).
         """
+        def done(shard_id: int) -> bool:  # this plan's done, and the class's own is_shard_done (an override counts)
+            return is_shard_done(plan, shard_id) and type(self).is_shard_done(plan.shard_dir(shard_id))
+
         allow_overwrite = bool(getattr(get_parallel_config(), "allow_overwrite_lock", False))
         pending = []
         for shard_id, shard_dir in enumerate(plan.shard_dirs()):
-            if self.resume and is_shard_done(plan, shard_id):
+            if self.resume and done(shard_id):
                 continue
             held = take_shard_lock(shard_dir, allow_overwrite)
             locks.callback(release_shard_lock, shard_dir, held)
-            if self.resume and is_shard_done(plan, shard_id):
+            if self.resume and done(shard_id):
                 release_shard_lock(shard_dir, held)
                 continue
             pending.append((shard_id, held))
