@@ -34,7 +34,7 @@ from espnet3_rules.engine.shard import (
     standard_hook,
     take_shard_lock,
 )
-from espnet3_rules.parallel.parallel import get_parallel_config
+from espnet3_rules.parallel.parallel import allow_overwrite_lock, n_workers
 
 __all__ = ["BaseRunner", "concatenate_shard_files"]
 
@@ -280,7 +280,7 @@ class BaseRunner(ABC):
             provider=class_path(type(provider)),
             output_dir=str(self.output_dir),
             shard_subdir=self.shard_subdir,
-            n_shards=self.n_shards if self.n_shards is not None else parallel_n_workers(),
+            n_shards=self.n_shards if self.n_shards is not None else n_workers(),
             batch_size=self.batch_size,
             # as given: an InferenceProvider merges its params into its config
             provider_config=getattr(provider, "_given_config", None) or jsonable(getattr(provider, "config", None) or {}),
@@ -336,7 +336,7 @@ class BaseRunner(ABC):
         def done(shard_id: int) -> bool:  # this plan's done, and the class's own is_shard_done (an override counts)
             return is_shard_done(plan, shard_id) and type(self).is_shard_done(plan.shard_dir(shard_id))
 
-        allow_overwrite = bool(getattr(get_parallel_config(), "allow_overwrite_lock", False))
+        allow_overwrite = allow_overwrite_lock()
         pending = []
         for shard_id, shard_dir in enumerate(plan.shard_dirs()):
             if self.resume and done(shard_id):
@@ -348,12 +348,6 @@ class BaseRunner(ABC):
                 continue
             pending.append((shard_id, held))
         return pending
-
-
-def parallel_n_workers() -> int:
-    """Shards of a runner not given ``n_shards``: the parallel config's ``n_workers`` (at least 1), else 1."""
-    config = get_parallel_config()
-    return max(1, int(getattr(config, "n_workers", 1))) if config is not None else 1
 
 
 def takes_positional(fn: Callable, n: int) -> bool:

@@ -52,3 +52,14 @@ def set_parallel(config: Optional[Any]) -> None:
 def get_parallel_config() -> Optional[Any]:
     """The config set by :func:`set_parallel`, or ``None``."""
     return parallel_config
+
+
+def n_workers() -> int:
+    """Shards of a runner not given ``n_shards``: the config's ``n_workers`` (at least 1), else 1."""
+    config = get_parallel_config()
+    return max(1, int(getattr(config, "n_workers", 1))) if config is not None else 1
+
+
+def allow_overwrite_lock() -> bool:
+    """Whether the config lets ``runner(indices)`` take over a shard lock of an owner not proven gone."""
+    return bool(getattr(get_parallel_config(), "allow_overwrite_lock", False))

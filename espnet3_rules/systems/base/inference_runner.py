@@ -112,9 +112,9 @@ def forward_input_keys(env: Mapping[str, Any]) -> List[str]:
     return keys
 
 
-def forward_model_kwargs(env: Mapping[str, Any]) -> Dict[str, Any]:
-    """``model_kwargs`` as a dict; TypeError for a non-mapping, as ESPnet3."""
-    model_kwargs = env.get("model_kwargs") or {}
+def checked_model_kwargs(model_kwargs: Any) -> Dict[str, Any]:
+    """``model_kwargs`` (a runner option or env entry) as a dict; TypeError for a non-mapping, as ESPnet3."""
+    model_kwargs = model_kwargs or {}
     if not isinstance(model_kwargs, Mapping):
         raise ContractTypeError(f"model_kwargs must be a mapping when provided, got {type(model_kwargs).__name__}")
     return dict(model_kwargs)
@@ -295,8 +295,6 @@ class InferenceRunner(BaseRunner):
         super().__init__(provider, **kwargs)
         if not isinstance(idx_key, str) or not idx_key:
             raise ContractError(f"idx_key must be a non-empty string, got {idx_key!r}")
-        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
-            raise ContractTypeError(f"model_kwargs must be a mapping when provided, got {type(model_kwargs).__name__}")
         if not isinstance(retry_items_on_batch_error, bool):
             raise ContractTypeError(
                 f"retry_items_on_batch_error must be true or false, got {retry_items_on_batch_error!r}"
@@ -307,7 +305,7 @@ class InferenceRunner(BaseRunner):
         self.output_keys = [check_field_name(k) for k in as_key_list(output_keys)] or None
         self.input_key = input_key
         self.output_fn = output_fn
-        self.model_kwargs = dict(model_kwargs or {})
+        self.model_kwargs = checked_model_kwargs(model_kwargs)
         self.output_artifacts = output_artifacts or None
         self.retry_items_on_batch_error = retry_items_on_batch_error
         if output_fn is not None and not callable(import_object(output_fn, "output_fn")):
@@ -380,7 +378,7 @@ class InferenceRunner(BaseRunner):
         Returns:
             One result (a dict for the writer), or a list of them for a batch.
         """
-        model_kwargs = forward_model_kwargs(env)
+        model_kwargs = checked_model_kwargs(env.get("model_kwargs"))
         keys = forward_input_keys(env)
         contract = forward_contract(env)
         batched = isinstance(idx, (list, tuple))
