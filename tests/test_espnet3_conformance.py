@@ -64,16 +64,11 @@ class Outcome:
 @pytest.fixture(scope="session")
 def conformance_modules(espnet3_root, tmp_path_factory):  # noqa: F811
     """``{family: (espnet3 module name, switched module name)}``; the switched copies put on ``sys.path``."""
-    from espnet3_user import write_switched
+    from espnet3_user import switched_on_path
 
-    directory = tmp_path_factory.mktemp("conformance_user")
-    for family in FAMILIES:
-        write_switched(family, directory, RULES_PREFIX + family)
-    sys.path.insert(0, str(directory))
-    try:
-        yield {family: (f"espnet3_user.{family}", RULES_PREFIX + family) for family in FAMILIES}
-    finally:
-        sys.path.remove(str(directory))
+    copies = {family: RULES_PREFIX + family for family in FAMILIES}
+    with switched_on_path(tmp_path_factory.mktemp("conformance_user"), copies):
+        yield {family: (f"espnet3_user.{family}", name) for family, name in copies.items()}
 
 
 def reset_parallel_configs():

@@ -40,16 +40,11 @@ SCALAR_FIELDS = ("hyp", "n_words", "score")
 @pytest.fixture(scope="session")
 def switched_dir(espnet3_root, tmp_path_factory):  # noqa: F811
     """A directory holding ``rules_words.py`` / ``rules_inference.py``: the user modules, imports switched."""
-    from espnet3_user import write_switched
+    from espnet3_user import switched_on_path
 
-    directory = tmp_path_factory.mktemp("switched_user")
-    write_switched("words", directory, RULES_WORDS)
-    write_switched("inference", directory, RULES_INFERENCE)
-    sys.path.insert(0, str(directory))
-    try:
+    copies = {"words": RULES_WORDS, "inference": RULES_INFERENCE}
+    with switched_on_path(tmp_path_factory.mktemp("switched_user"), copies) as directory:
         yield directory
-    finally:
-        sys.path.remove(str(directory))
 
 
 @pytest.fixture

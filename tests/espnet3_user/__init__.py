@@ -21,7 +21,10 @@ Importing this package itself imports no ESPnet3.
 """
 
 import re
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Mapping
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 #: ``from espnet3.x import`` / ``import espnet3.x`` at the start of a line (the import lines only).
@@ -48,3 +51,15 @@ def write_switched(module: str, directory: Path, name: str) -> Path:
     source = (PACKAGE_DIR / f"{module}.py").read_text(encoding="utf-8")
     path.write_text(switch_imports(source), encoding="utf-8")
     return path
+
+
+@contextmanager
+def switched_on_path(directory: Path, copies: Mapping[str, str]) -> Iterator[Path]:
+    """Write each ``{module: name}`` copy (:func:`write_switched`) into ``directory``, importable meanwhile."""
+    for module, name in copies.items():
+        write_switched(module, directory, name)
+    sys.path.insert(0, str(directory))
+    try:
+        yield Path(directory)
+    finally:
+        sys.path.remove(str(directory))
