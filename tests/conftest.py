@@ -43,6 +43,10 @@ TIERS = {
     "test_espnet3_reference::test_switched_inference_provider_with_our_inference_runner_matches_espnet3": {"e2e"},
     "test_espnet3_reference::test_runner_option_reaches_merge_and_change_reruns_only_that_job": {"e2e"},
     "test_inference_providers::test_systems_provider_named_directly_plans_and_runs_under_snakemake": {"e2e"},
+    "test_parallel_exec::test_two_workers_*": {"e2e"},  # runner(indices) through snakemake.api
+    "test_parallel_exec::test_a_failed_shard_*": {"e2e"},
+    "test_parallel_exec::test_ctrl_c_*": {"e2e"},
+    "test_parallel_exec::test_slurm_env_*": {"e2e", "slurm"},
 }
 
 # Fixtures that run Snakemake: a test using one and not marked e2e is reported (see below).
