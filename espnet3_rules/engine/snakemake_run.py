@@ -175,16 +175,15 @@ class ShardProgress(logging.Handler):
         self._refresh()
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Follow JOB_INFO (which shard a job is), JOB_STARTED, JOB_FINISHED and JOB_ERROR."""
+        """Follow JOB_INFO (a job starts: which shard it is), JOB_FINISHED and JOB_ERROR."""
         event = str(getattr(record, "event", ""))
         with self._lock:
             if event == "job_info":
                 name = next((self.targets[o] for o in getattr(record, "output", []) if o in self.targets), None)
-                if name is not None:
-                    log = (getattr(record, "log", None) or [""])[0]
-                    self.shards[record.jobid] = (name, log)
-            elif event == "job_started":
-                self.running.update(j for j in getattr(record, "jobs", []) if j in self.shards)
+                if name is None:
+                    return
+                self.shards[record.jobid] = (name, (getattr(record, "log", None) or [""])[0])
+                self.running.add(record.jobid)  # logged as the job starts
             elif event == "job_finished" and record.job_id in self.shards:
                 self.running.discard(record.job_id)
                 self.bar.update(1)
@@ -206,6 +205,29 @@ class ShardProgress(logging.Handler):
         super().close()
 
 
+def terminate_local_jobs() -> None:
+    """SIGTERM every running local job's process tree (its shell, the shard process).
+
+    On ``KeyboardInterrupt`` Snakemake's local executor waits for its running jobs: on the
+    command line, Ctrl-C reached them too (one process group); a caller's SIGINT may not have.
+    The SLURM executor scancels its jobs itself.
+    """
+    import psutil  # a dependency of Snakemake
+    from snakemake.shell import shell
+
+    with shell._lock:  # Snakemake's own table of running shell jobs
+        roots = [proc.pid for proc in shell._processes.values()]
+    for root in roots:
+        try:
+            tree = psutil.Process(root)
+            processes = [tree, *tree.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.terminate()
+
+
 @contextlib.contextmanager
 def interrupt_flag() -> Iterator[List[bool]]:
     """Note a SIGINT (Snakemake cancels its jobs on it, then returns instead of raising)."""
@@ -217,6 +239,7 @@ def interrupt_flag() -> Iterator[List[bool]]:
 
     def note(signum: int, frame: Any) -> None:
         flag[0] = True
+        terminate_local_jobs()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, note)
