@@ -49,7 +49,8 @@ OUT = "out"
 #: a lock holding pid and host).
 CONTENT_FREE = ("manifest.json", "split.*/done", "split.*/lock")
 #: Only ours writes these (shard state, merge marker, a set-aside ``done``): dropped from ours, absent from ESPnet3's.
-OURS_ONLY = ("split.*/_state.pkl", "merge.done", "split.*/done.rejected")
+OURS_ONLY = ("split.*/_state.pkl", "merge.done", "split.*/done.rejected",
+             "logs/split.*.log", "benchmarks/split.*.tsv")  # the last two: shards run by Snakemake (a parallel config)
 
 
 # ----------------------------------------------------------------------------- harness

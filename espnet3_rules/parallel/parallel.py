@@ -1,15 +1,21 @@
 """The parallel config of ``runner(indices)``, at ESPnet3's path (``espnet3.parallel.parallel``).
 
 ``set_parallel(config)`` / ``get_parallel_config()`` keep one module-level config, as
-ESPnet3's do. ``runner(indices)`` reads two things from it:
+ESPnet3's do. Without a config, ``runner(indices)`` runs its shards in-process, one after
+another. With one (any, even ``{"env": "local", "n_workers": 1}``), it runs the pending
+shards as Snakemake jobs of the workflow's ``rule shard`` (:mod:`espnet3_rules.engine.snakemake_run`),
+then merges in the calling process. The keys:
 
-- ``n_workers``: the number of shards when the runner was not given ``n_shards``;
+- ``env``: ``local`` (the local executor), ``local_gpu`` (the same, one distinct GPU per
+  shard; ``n_workers`` above the GPUs found is refused), ``slurm`` (the SLURM executor
+  plugin: one sbatch job per shard). ESPnet3's other Dask-jobqueue envs are refused: run
+  the workflow with a Snakemake executor plugin instead;
+- ``n_workers``: shards at once, and the number of shards of a runner not given ``n_shards``;
+- ``options``: the Dask cluster options, as shard resources
+  (:func:`espnet3_rules.engine.cluster_options.shard_resources`: ``queue``, ``account``,
+  ``cores``, ``memory``, ``walltime``, ``job_extra_directives``, ...);
 - ``allow_overwrite_lock``: take over a shard lock whose owner cannot be proven gone
   (another host's, or an unreadable one); see :mod:`espnet3_rules.engine.shard`.
-
-Its ``env`` and ``options`` (ESPnet3's Dask cluster: ``local``, ``slurm``, ...) are kept
-but not used: ``runner(indices)`` runs its shards in-process, one after another. Run
-them on a cluster with the Snakemake workflow (its SLURM profile).
 """
 
 from __future__ import annotations
