@@ -1,4 +1,4 @@
-"""``runner(indices)`` with a parallel config: the pending shards run as Snakemake jobs (engine/snakemake_run)."""
+"""``runner(indices)`` with a parallel config: the pending shards run as Snakemake jobs (cli/snakemake_run)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import toys as fx
-from espnet3_rules.engine import snakemake_run
+from espnet3_rules.cli import snakemake_run
 from espnet3_rules.engine.cluster_options import shard_resources
 from espnet3_rules.engine.contracts import ContractError
 from espnet3_rules.engine.job import JobSpec

@@ -1,4 +1,4 @@
-# Entry workflow of runner(indices) with a parallel config (espnet3_rules.engine.snakemake_run):
+# Entry workflow of runner(indices) with a parallel config (espnet3_rules.cli.snakemake_run):
 # the project's own shard rule over jobs that runner(indices) planned already.
 #
 #   config: manifests: [<job root>/manifest.json, ...]   (no config/config.yaml is read)

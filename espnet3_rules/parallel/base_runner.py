@@ -36,7 +36,7 @@ from espnet3_rules.engine.shard import (
     standard_hook,
     take_shard_lock,
 )
-from espnet3_rules.engine.snakemake_run import check_env_name, check_importable, run_shards
+from espnet3_rules.cli.snakemake_run import check_env_name, check_importable, run_shards
 from espnet3_rules.parallel.parallel import allow_overwrite_lock, get_parallel_config, n_workers
 
 __all__ = ["BaseRunner", "concatenate_shard_files"]
@@ -300,7 +300,7 @@ class BaseRunner(ABC):
         the shards run one after another in this process (env built once); with one
         (:func:`~espnet3_rules.parallel.parallel.set_parallel`, any ``env``) they run as
         Snakemake jobs of the workflow's ``rule shard``
-        (:func:`~espnet3_rules.engine.snakemake_run.run_shards`), ``n_workers`` at once.
+        (:func:`~espnet3_rules.cli.snakemake_run.run_shards`), ``n_workers`` at once.
 
         Args:
             indices: The dataset indices to process.

@@ -3,7 +3,7 @@
 ``set_parallel(config)`` / ``get_parallel_config()`` keep one module-level config, as
 ESPnet3's do. Without a config, ``runner(indices)`` runs its shards in-process, one after
 another. With one (any, even ``{"env": "local", "n_workers": 1}``), it runs the pending
-shards as Snakemake jobs of the workflow's ``rule shard`` (:mod:`espnet3_rules.engine.snakemake_run`),
+shards as Snakemake jobs of the workflow's ``rule shard`` (:mod:`espnet3_rules.cli.snakemake_run`),
 then merges in the calling process. The keys:
 
 - ``env``: ``local`` (the local executor), ``local_gpu`` (the same, one distinct GPU per

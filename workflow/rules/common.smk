@@ -4,7 +4,7 @@ import sys
 
 from espnet3_rules.cli.config import GROWING_RESOURCES, describe_job, exit_on_contract_error, jobs_from_config, shard_resource as resource_of
 from espnet3_rules.cli.measure import measure_specs
-from espnet3_rules.engine.snakemake_run import jobs_from_manifests
+from espnet3_rules.cli.snakemake_run import jobs_from_manifests
 
 # One job description per job (or test set): <output_dir>/<shard_subdir> holds manifest.json,
 # split.N/, merge.done. The config is checked against the schema (one line naming the key);
