@@ -47,6 +47,21 @@ def as_plain(config: Any) -> Dict[str, Any]:
     return plain
 
 
+def switch_targets(config: Any) -> Any:
+    """``config`` with each ``_target_`` under ``espnet3.`` pointed at ``espnet3_rules.`` (the same
+    switch as a user's import lines), at any depth; everything else as is."""
+    if isinstance(config, dict):
+        return {
+            key: "espnet3_rules." + value[len("espnet3."):]
+            if key == "_target_" and isinstance(value, str) and value.startswith("espnet3.")
+            else switch_targets(value)
+            for key, value in config.items()
+        }
+    if isinstance(config, list):
+        return [switch_targets(value) for value in config]
+    return config
+
+
 def test_set_names(config: Mapping[str, Any]) -> List[str]:
     """``dataset.test[].name``, checked as infer checks them."""
     dataset = config.get("dataset")
@@ -184,7 +199,8 @@ def inference_jobs(config: Any, name: str = "infer") -> List[JobSpec]:
         name: The jobs' name.
 
     Returns:
-        One :class:`JobSpec` per test set, in config order: root ``<inference_dir>/<test>``
+        One :class:`JobSpec` per test set, in config order (``_target_`` paths under
+        ``espnet3.`` switched to ``espnet3_rules.``, see :func:`switch_targets`): root ``<inference_dir>/<test>``
         (``output_dir``; no ``shard_subdir``, as infer passes it), provider/runner from the
         ``_target_`` paths, ``provider_config`` = the resolved config (less ``parallel``) with
         ``test_set``, the params and runner options infer passes, ``n_shards`` =
@@ -196,7 +212,7 @@ def inference_jobs(config: Any, name: str = "infer") -> List[JobSpec]:
     """
     from espnet3_rules.contract.inference import load_inference_contract
 
-    plain = as_plain(config)
+    plain = switch_targets(as_plain(config))
     contract = load_inference_contract(plain.get("contract"))
     names = test_set_names(plain)
     if plain.get("inference_dir") in (None, ""):
