@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -922,3 +923,32 @@ class PositionalCloseRunner(CollectRunner):
     @staticmethod
     def close_writers(writers, st):
         return {"n_closed": len(st["records"]), "saw_writers": "_writers" in st}
+
+
+# ------------------------------------------- exec: runner(indices) with a parallel config (Snakemake jobs)
+class TracedTextRunner(MyTextRunner):
+    """MyTextRunner that traces its shard process in ``<trace_dir>/<pid>`` (start/end times, SLURM job)
+    and can be made to meet another shard, hold, or fail:
+
+    - ``meet``: at its first item a shard waits until this many shard processes have started;
+    - ``hold_item`` / ``hold_file``: that item waits while ``hold_file`` exists;
+    - ``fail_item`` / ``fail_file``: that item raises while ``fail_file`` exists.
+    """
+
+    @staticmethod
+    def forward(idx, dataset, model, trace_dir=None, meet=0, hold_item=None, hold_file=None,
+                fail_item=None, fail_file=None, **env):
+        trace = Path(trace_dir) / str(os.getpid())
+        if not trace.exists():
+            trace.write_text(json.dumps({"start": time.time(), "slurm_job": os.environ.get("SLURM_JOB_ID")}) + "\n")
+            while len(list(Path(trace_dir).iterdir())) < meet:
+                time.sleep(0.05)
+        if idx == hold_item:
+            while Path(hold_file).exists():
+                time.sleep(0.05)
+        if idx == fail_item and Path(fail_file).exists():
+            raise RuntimeError(f"forward failed at item {idx}")
+        note_call(env, idx)
+        result = MyTextRunner.forward(idx, dataset, model, **env)
+        append_line(trace, json.dumps({"end": time.time()}))
+        return result

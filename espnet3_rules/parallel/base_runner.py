@@ -7,12 +7,14 @@ through the same engine (plan, run one shard, merge) that the Snakemake rules ca
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from abc import ABC, abstractmethod
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+from espnet3_rules.engine.cluster_options import shard_resources
 from espnet3_rules.engine.contracts import (
     ContractRuntimeError,
     check_env,
@@ -34,7 +36,8 @@ from espnet3_rules.engine.shard import (
     standard_hook,
     take_shard_lock,
 )
-from espnet3_rules.parallel.parallel import allow_overwrite_lock, n_workers
+from espnet3_rules.engine.snakemake_run import check_env_name, check_importable, run_shards
+from espnet3_rules.parallel.parallel import allow_overwrite_lock, get_parallel_config, n_workers
 
 __all__ = ["BaseRunner", "concatenate_shard_files"]
 
@@ -289,12 +292,15 @@ class BaseRunner(ABC):
         )
 
     def __call__(self, indices: Iterable[Any]) -> Any:
-        """Plan, run the pending shards in-process (env built once), merge.
+        """Plan, run the pending shards, merge in this process.
 
         Each pending shard is locked (``split.N/lock``) before any runs, so a second
         ``runner(indices)`` on the same output dir is refused instead of running it twice;
-        see :func:`~espnet3_rules.engine.shard.take_shard_lock`. Shards run one after another
-        in this process, whatever the parallel config's ``env``.
+        see :func:`~espnet3_rules.engine.shard.take_shard_lock`. Without a parallel config
+        the shards run one after another in this process (env built once); with one
+        (:func:`~espnet3_rules.parallel.parallel.set_parallel`, any ``env``) they run as
+        Snakemake jobs of the workflow's ``rule shard``
+        (:func:`~espnet3_rules.engine.snakemake_run.run_shards`), ``n_workers`` at once.
 
         Args:
             indices: The dataset indices to process.
@@ -304,8 +310,10 @@ class BaseRunner(ABC):
 
         Raises:
             RuntimeError: No ``output_dir``; ``resume=True`` over a manifest of another shard
-                layout; a shard locked by another runner.
-            ValueError: A bad ``batch_size``, ``n_shards`` or index list.
+                layout; a shard locked by another runner; shards that failed under Snakemake
+                (each named with its log; the others finished).
+            ValueError: A bad ``batch_size``, ``n_shards`` or index list; a parallel ``env`` or
+                ``options`` key not supported here; a runner or provider class defined in ``__main__``.
             TypeError: ``forward`` is not a static or class method.
         """
         job = self.job_spec()
@@ -314,13 +322,18 @@ class BaseRunner(ABC):
         keys = declared_env_keys(job, type(self.provider))
         if keys is not None:
             check_forward_env(type(self), keys, provider_name)
+        parallel = get_parallel_config()
+        if parallel is not None:
+            job = parallel_job(job, parallel)
         plan = make_plan(job, list(indices), at_most_one_shard_per_item=self.n_shards is None)
         if self.resume:
             check_same_layout(plan)
         write_manifest(plan)
         with ExitStack() as locks:
             pending = self._lock_pending(plan, locks)
-            if pending:
+            if pending and parallel is not None:
+                run_shards(plan, [shard_id for shard_id, _ in pending], parallel.get("env", "local"), n_workers())
+            elif pending:
                 env = check_env(self.provider, self.provider.build_env_local())
                 for shard_id, held in pending:
                     run_shard(type(self), plan, shard_id, env, provider_name)
@@ -348,6 +361,14 @@ class BaseRunner(ABC):
                 continue
             pending.append((shard_id, held))
         return pending
+
+
+def parallel_job(job: JobSpec, parallel: Any) -> JobSpec:
+    """``job`` as the parallel config runs it: its env checked, its classes importable by a shard
+    process, its ``options`` as shard resources (which never change results or the fingerprint)."""
+    env = check_env_name(parallel.get("env", "local"))
+    check_importable(job)
+    return dataclasses.replace(job, resources={**job.resources, **shard_resources(env, parallel.get("options") or {})})
 
 
 def takes_positional(fn: Callable, n: int) -> bool:

@@ -4,13 +4,19 @@ import sys
 
 from espnet3_rules.cli.config import GROWING_RESOURCES, describe_job, exit_on_contract_error, jobs_from_config, shard_resource as resource_of
 from espnet3_rules.cli.measure import measure_specs
+from espnet3_rules.engine.snakemake_run import jobs_from_manifests
 
 # One job description per job (or test set): <output_dir>/<shard_subdir> holds manifest.json,
 # split.N/, merge.done. The config is checked against the schema (one line naming the key);
 # contract errors stop snakemake (also -n) with one line; no job may write into config/.
+# runner(indices) with a parallel config (workflow/planned.smk) passes its planned manifests instead.
 with exit_on_contract_error():
-    JOBS = jobs_from_config(config, protected_dirs=("config", f"{workflow.basedir}/config"))
-    MEASURES = measure_specs(config)
+    if "manifests" in config:
+        JOBS = jobs_from_manifests(config["manifests"])
+        MEASURES = {}
+    else:
+        JOBS = jobs_from_config(config, protected_dirs=("config", f"{workflow.basedir}/config"))
+        MEASURES = measure_specs(config)
 
 
 wildcard_constraints:
@@ -18,7 +24,7 @@ wildcard_constraints:
     i=r"\d+",
 
 
-if workflow.is_main_process:
+if workflow.is_main_process and "manifests" not in config:
     with exit_on_contract_error():
         for _job in JOBS.values():
             print(f"espnet3-rules plan: {describe_job(_job)}", file=sys.stderr)
