@@ -43,6 +43,8 @@ TIERS = {
     "test_espnet3_reference::test_switched_inference_provider_with_our_inference_runner_matches_espnet3": {"e2e"},
     "test_espnet3_reference::test_runner_option_reaches_merge_and_change_reruns_only_that_job": {"e2e"},
     "test_inference_providers::test_systems_provider_named_directly_plans_and_runs_under_snakemake": {"e2e"},
+    "test_import_espnet3::test_converted_recipe_runs_under_snakemake_as_infer_runs_it": {"e2e"},
+    "test_espnet3_stages": {"espnet3", "e2e"},  # 202611's infer() and ours (shards through Snakemake)
     "test_parallel_exec::test_two_workers_*": {"e2e"},  # runner(indices) through snakemake.api
     "test_parallel_exec::test_a_failed_shard_*": {"e2e"},
     "test_parallel_exec::test_ctrl_c_*": {"e2e"},

@@ -1,4 +1,5 @@
-"""Command line the Snakemake rules call: ``python -m espnet3_rules plan|run-shard|merge|status``.
+"""Command line the Snakemake rules call: ``python -m espnet3_rules plan|run-shard|merge|status``;
+and ``import-espnet3`` (an ESPnet3 recipe's inference/metrics YAML as a workflow config).
 
 Each command works on one job, named by ``--manifest`` (what the rules pass; the
 manifest embeds the job description), by ``--job-json`` (``plan``), or by
@@ -92,6 +93,14 @@ def _headline(result):
     return numbers[0] if numbers else result
 
 
+def cmd_import_espnet3(args: argparse.Namespace) -> int:
+    from espnet3_rules.cli.import_espnet3 import convert, render
+
+    sources = [args.inference_yaml, *([args.metrics_yaml] if args.metrics_yaml else [])]
+    print(render(convert(args.inference_yaml, args.metrics_yaml), sources), end="")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from espnet3_rules.engine.merge import pending_shards
 
@@ -111,12 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
         "merge": (cmd_merge, "merge the shards of a planned job"),
         "status": (cmd_status, "list done and pending shards (exit 3 if any pending)"),
         "measure": (cmd_measure, "score a job's merged test sets into <output_dir>/metrics.json"),
+        "import-espnet3": (cmd_import_espnet3, "print the workflow config of an ESPnet3 inference (+ metrics) YAML"),
     }
     for name, (func, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(func=func)
         if name == "measure":
             p.add_argument("--spec-json", required=True, help="the job's measure spec (what the rule passes)")
+            continue
+        if name == "import-espnet3":
+            p.add_argument("inference_yaml", help="the recipe's inference config (conf/inference.yaml)")
+            p.add_argument("metrics_yaml", nargs="?", help="its metrics config (conf/metrics.yaml): the measure section")
             continue
         p.add_argument("--config", help="YAML config file (with --job)")
         p.add_argument("--job", help="job name in the config")
