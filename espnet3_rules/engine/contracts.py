@@ -39,6 +39,10 @@ class ContractFileNotFoundError(ContractError, FileNotFoundError):
     """A :class:`ContractError` where ESPnet3 raises ``FileNotFoundError`` (a shard not complete at merge)."""
 
 
+class ContractAssertionError(ContractError, AssertionError):
+    """A :class:`ContractError` where ESPnet3 asserts (SCP inputs out of step, a missing input file)."""
+
+
 def import_object(path: str, what: str = "object") -> Any:
     """Import ``package.module.Name`` (nested attributes allowed), with a clear error."""
     if not isinstance(path, str) or "." not in path:
