@@ -101,3 +101,9 @@ def test_measure_refuses_what_espnet3_refuses(sides, tmp_path, metric, inputs, e
         messages[side] = str(info.value)
         assert not (inference_dir / "metrics.json").exists()
     assert all(words in message for message in messages.values()), messages
+
+
+def test_contract_metrics_exports_espnet3s_names(espnet3_root):  # noqa: F811
+    theirs = importlib.import_module("espnet3.contract.metrics")
+    ours = importlib.import_module("espnet3_rules.contract.metrics")
+    assert sorted(ours.__all__) == sorted(theirs.__all__)

@@ -34,6 +34,23 @@ def test_espnet3_module_paths_hold_the_public_names(module, names):
             assert getattr(ours, name) is getattr(importlib.import_module("espnet3_rules"), name)
 
 
+#: ESPnet3 202611's metric modules -> the names a recipe or a metric subclass imports (classes of their own here).
+METRIC_SURFACE = {
+    "components.metrics.base_metric": ["BaseMetric"],
+    "contract.metrics": ["DATASET_PREFIX", "MetricContractError", "check_metric_contract", "check_metric_inputs"],
+    "systems.base.metric": ["measure", "DATASET_PREFIX"],
+    "systems.esp2_asr.metrics.wer": ["WER"],
+    "systems.esp2_asr.metrics.cer": ["CER"],
+    "utils.scp_utils": ["get_class_path", "load_scp_paths"],
+}
+
+
+@pytest.mark.parametrize("module, names", sorted(METRIC_SURFACE.items()))
+def test_espnet3_metric_paths_hold_the_public_names(module, names):
+    ours = importlib.import_module(f"espnet3_rules.{module}")
+    assert [name for name in names if not hasattr(ours, name)] == []
+
+
 def imported_modules(path: Path) -> set:
     """Absolute names of the modules a source file imports (relative imports resolved against the package)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))

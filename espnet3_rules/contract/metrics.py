@@ -146,7 +146,6 @@ __all__ = [
     "Field",
     "MetricContractError",
     "check_metric_batch",
-    "check_metric_contract",
     "check_metric_declaration",
     "check_metric_inputs",
     "check_metric_output",

@@ -236,7 +236,7 @@ def _instantiate(target: Dict[str, Any], where: str) -> Any:
     try:
         return instantiate(target)
     except (InstantiationException, TypeError) as exc:
-        raise ContractTypeError(f"{where}: cannot construct {target['_target_']}: {str(exc).splitlines()[0]}") from None
+        raise ContractTypeError(f"{where}: cannot construct {target['_target_']}: {' '.join(str(exc).split())}") from None
 
 
 def build_metrics(configs: Sequence[Mapping[str, Any]]) -> List[MetricEntry]:

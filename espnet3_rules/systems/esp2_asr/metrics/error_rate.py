@@ -61,7 +61,7 @@ class ErrorRate(BaseMetric):
         self._alignments: List[str] = []
 
     @property
-    def name(self) -> str:
+    def result_key(self) -> str:
         """The result key (``WER``, ``CER``)."""
         return self.outputs[0].name
 
@@ -86,7 +86,7 @@ class ErrorRate(BaseMetric):
         try:
             import jiwer
         except ImportError:
-            raise ContractRuntimeError(f"jiwer is required to compute {self.name}: pip install jiwer") from None
+            raise ContractRuntimeError(f"jiwer is required to compute {self.result_key}: pip install jiwer") from None
         if not ref:
             return
         out = getattr(jiwer, self.jiwer_process)([self._clean(r) for r in ref], [self._clean(h) for h in hyp])
@@ -108,13 +108,13 @@ class ErrorRate(BaseMetric):
         """
         rate = self._rate()
         if rate is None:
-            raise ContractError(f"{self.name}: nothing to score: the references have no {self.unit}")
-        return {self.name: round(rate, 2)}
+            raise ContractError(f"{self.result_key}: nothing to score: the references have no {self.unit}")
+        return {self.result_key: round(rate, 2)}
 
     def write_artifacts(self, test_dir: Path) -> None:
         """Write ``<test_dir>/<name>_alignment``: this call's alignments, then one summary line of the counts."""
         counts = ", ".join(f"{name}={getattr(self, name)}" for name in COUNTS)
-        summary = f"\n{self.name}: {self._rate() or 0.0:.2f} ({counts})\n"
-        with atomic_path(test_dir / f"{self.name.lower()}_alignment") as tmp:
+        summary = f"\n{self.result_key}: {self._rate() or 0.0:.2f} ({counts})\n"
+        with atomic_path(test_dir / f"{self.result_key.lower()}_alignment") as tmp:
             tmp.write_text("".join(self._alignments) + summary, encoding="utf-8")
         self._alignments = []
