@@ -112,7 +112,8 @@ def test_add_state_registry_reset_and_load_state():
     ]:
         with pytest.raises(ValueError, match=message):
             metric.add_state(*args)
-    with pytest.raises(ValueError, match=r"state names \['rows'\] do not match the registered \['batch_sizes', 'rows'\]"):
+    registered = r"state names \['rows'\] do not match the registered \['batch_sizes', 'rows'\]"
+    with pytest.raises(ValueError, match=registered):
         metric.load_state({"rows": 1})
 
 
@@ -178,7 +179,10 @@ def test_check_metric_inputs(inputs, message):
 
 def test_iter_inputs_reads_in_lockstep_and_asserts_alignment(tmp_path):
     metric = toys.CountRows()
-    data = {"a": write_scp(tmp_path / "a.scp", {"u1": "x y", "u2": ""}), "b": write_scp(tmp_path / "b.scp", {"u1": "p"})}
+    data = {
+        "a": write_scp(tmp_path / "a.scp", {"u1": "x y", "u2": ""}),
+        "b": write_scp(tmp_path / "b.scp", {"u1": "p"}),
+    }
     assert list(metric.iter_inputs(data, "a")) == [("u1", {"a": "x y"}), ("u2", {"a": ""})]
     rows = metric.iter_inputs(data, "a", "b")
     assert next(rows) == ("u1", {"a": "x y", "b": "p"})
@@ -301,7 +305,8 @@ def test_measure_takes_espnet3_configs_and_reads_the_dataset_through_the_provide
     }
     assert json.loads((tmp_path / "infer" / "metrics.json").read_text()) == results
     stamp = json.loads((tmp_path / "infer" / "test_a" / "dataset" / "text.source.json").read_text())
-    assert stamp["identity"] == {"provider": "toys.SpeechProvider", "config": {**inference_config, "n": "2", "test_set": "test_a"}}
+    config = {**inference_config, "n": "2", "test_set": "test_a"}  # resolved, with the test set
+    assert stamp["identity"] == {"provider": "toys.SpeechProvider", "config": config}
     named = OmegaConf.merge(metrics_config, {"dataset": {"test": [{"name": "test_b"}]}})
     assert list(measure(named, inference_config)[WER_PATH]) == ["test_b"]
 
@@ -326,7 +331,7 @@ def test_measure_takes_espnet3_configs_and_reads_the_dataset_through_the_provide
             r"Missing SCP file: .*text.scp; test_a has \['hyp'\]",
         ),
         ([WER_CFG], ContractError, "reading `dataset:text` for test set 'test_a' needs the inference config"),
-        ([{"metric": "toys.WrongResultMetric", "inputs": {"ref": "hyp"}}], ValueError, "outputs field 'rows' must be number"),
+        ([{"metric": "toys.WrongResultMetric", "inputs": {"ref": "hyp"}}], ValueError, "field 'rows' must be number"),
     ],
 )
 def test_measure_refuses_bad_metric_configs(tmp_path, metrics, error, message):
@@ -340,7 +345,7 @@ def test_measure_refuses_bad_metric_configs(tmp_path, metrics, error, message):
 
 def test_measure_refuses_missing_or_no_test_sets(tmp_path):
     config = {"inference_dir": str(tmp_path), "metrics": [WER_CFG]}
-    with pytest.raises(AssertionError, match="Missing hypothesis/reference files .* run the inference of test set 'nope'"):
+    with pytest.raises(AssertionError, match="Missing hypothesis/reference files .* inference of test set 'nope'"):
         measure({**config, "dataset": {"test": [{"name": "nope"}]}})
     with pytest.raises(ValueError, match="No test sets found"):
         measure(config)

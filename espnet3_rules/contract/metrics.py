@@ -96,7 +96,9 @@ def check_metric_output(metric: Any, result: Mapping[str, Any]) -> None:
     declared = [field.name for field in outputs]
     missing = [key for key in declared if key not in result]
     if missing:
-        raise MetricContractError(f"{name} declares outputs {declared} but returned {sorted(result)}; missing {missing}")
+        raise MetricContractError(
+            f"{name} declares outputs {declared} but returned {sorted(result)}; missing {missing}"
+        )
     for field in outputs:
         try:
             KINDS[field.kind].check(result[field.name], field, model=None, output=True)

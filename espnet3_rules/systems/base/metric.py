@@ -236,7 +236,8 @@ def _instantiate(target: Dict[str, Any], where: str) -> Any:
     try:
         return instantiate(target)
     except (InstantiationException, TypeError) as exc:
-        raise ContractTypeError(f"{where}: cannot construct {target['_target_']}: {' '.join(str(exc).split())}") from None
+        reason = " ".join(str(exc).split())
+        raise ContractTypeError(f"{where}: cannot construct {target['_target_']}: {reason}") from None
 
 
 def build_metrics(configs: Sequence[Mapping[str, Any]]) -> List[MetricEntry]:
@@ -247,7 +248,9 @@ def build_metrics(configs: Sequence[Mapping[str, Any]]) -> List[MetricEntry]:
     for position, config in enumerate(configs):
         entry = build_metric(config, f"metrics[{position}]")
         if any(other.key == entry.key for other in entries):
-            raise ContractError(f"metrics[{position}]: a second metric keyed {entry.key!r}; give each a distinct 'name'")
+            raise ContractError(
+                f"metrics[{position}]: a second metric keyed {entry.key!r}; give each a distinct 'name'"
+            )
         entries.append(entry)
     return entries
 
