@@ -200,6 +200,11 @@ def test_scp_reading_refuses_repeated_ids_and_non_utf8(tmp_path, text, message):
         read_scp(path)
 
 
+def test_missing_scp_file_is_a_file_not_found_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.scp does not exist"):
+        read_scp(tmp_path / "missing.scp")
+
+
 # ----------------------------------------------------------- dataset columns
 def test_export_dataset_column_writes_scalars_and_artifacts_atomically(tmp_path):
     items = toys.speech_dataset(2)

@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Sequence, Tuple, Union
 
-from espnet3_rules.engine.contracts import ContractAssertionError, ContractError
+from espnet3_rules.engine.contracts import ContractAssertionError, ContractError, ContractFileNotFoundError
 
 
 def iter_scp(path: Any) -> Iterator[Tuple[str, str]]:
     """``(utt_id, value)`` per non-blank line, split at the first whitespace (value stripped, may be empty).
 
     Raises:
-        ContractError: The file is missing or is not UTF-8 (naming the file and line).
+        FileNotFoundError: The file is missing.
+        ContractError: The file is not UTF-8 (naming the line).
     """
     path = Path(path)
     number = 0
@@ -23,7 +24,7 @@ def iter_scp(path: Any) -> Iterator[Tuple[str, str]]:
                 if parts:
                     yield parts[0], parts[1] if len(parts) > 1 else ""
     except FileNotFoundError:
-        raise ContractError(f"{path} does not exist") from None
+        raise ContractFileNotFoundError(f"{path} does not exist") from None
     except UnicodeDecodeError as exc:
         raise ContractError(
             f"{path}: text after line {number} is not UTF-8 ({exc.reason}); scp files must be UTF-8"
