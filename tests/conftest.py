@@ -30,6 +30,7 @@ TIERS = {
     "test_espnet3_reference": {"espnet3"},  # differential tests against the unpacked espnet wheel
     "test_espnet3_contract": {"espnet3"},  # espnet3_rules.contract against the wheel's espnet3.contract
     "test_espnet3_conformance": {"espnet3"},  # the same user programs under ESPnet3 and import-switched
+    "test_espnet3_measure": {"espnet3"},  # measure() and the metric classes against the wheel's
     # Mixed modules: the tests that run Snakemake (the rest are in-process or one shard process).
     "test_bad_inputs::test_bad_config_fails_the_dry_run": {"e2e"},
     "test_bad_inputs::test_runtime_mistake_ends_its_log_with_one_line": {"e2e"},

@@ -532,7 +532,8 @@ import sys
 for name in ("torch", "numpy", "jiwer"):
     sys.modules[name] = None
 from pathlib import Path
-import espnet3_rules, espnet3_rules.metrics, espnet3_rules.systems.base.artifacts
+import espnet3_rules, espnet3_rules.systems.base.metric, espnet3_rules.systems.esp2_asr.metrics.wer
+import espnet3_rules.systems.base.artifacts
 from espnet3_rules import InferenceRunner
 w = InferenceRunner.open_writers(Path({str(tmp_path)!r}))
 InferenceRunner.write_record(w, {{"utt_id": "a", "hyp": "x", "meta": {{"k": 1}}}}, {{}})

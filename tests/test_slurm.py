@@ -46,7 +46,7 @@ def test_default_job_runs_through_the_profile_one_slurm_job_per_shard(tmp_path):
     for rule in ("plan", "merge", "measure"):
         assert f"localrule {rule}:" in out, f"{rule} must stay local"
     metrics = json.loads((tmp_path / "results/tone_asr/decode/metrics.json").read_text())
-    assert set(metrics["espnet3_rules.metrics.WER"]) == {"tone_dev", "tone_test"}
+    assert set(metrics["espnet3_rules.systems.esp2_asr.metrics.wer.WER"]) == {"tone_dev", "tone_test"}
 
 
 def test_profile_runs_each_shard_as_a_slurm_job_and_reruns_a_cancelled_one(tmp_path):

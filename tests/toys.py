@@ -33,6 +33,8 @@ import yaml
 
 import espnet3_rules
 from espnet3_rules import BaseRunner, EnvironmentProvider, InferenceProvider
+from espnet3_rules.components.metrics.base_metric import BaseMetric
+from espnet3_rules.contract import Field
 from espnet3_rules.engine.plan import ShardPlan, make_plan
 from espnet3_rules.engine.shard import load_state
 
@@ -952,3 +954,56 @@ class TracedTextRunner(MyTextRunner):
         result = MyTextRunner.forward(idx, dataset, model, **env)
         append_line(trace, json.dumps({"end": time.time()}))
         return result
+
+
+# ----------------------------------------------------------------- metrics (issue 13: BaseMetric)
+
+
+class CountRows(BaseMetric):
+    """Counts rows; keeps each ``update``'s batch size in a ``cat`` state, so chunking shows."""
+
+    inputs = (Field("ref", "text"), Field("hyp", "text", optional=True))
+    outputs = (Field("rows", "number"),)
+    chunk_size = 2
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("rows", 0, "sum")
+        self.add_state("batch_sizes", [], "cat")
+
+    def update(self, *, ref, hyp=None):
+        self.rows += len(ref)
+        self.batch_sizes.append(len(ref))
+
+    def compute(self):
+        return {"rows": self.rows}
+
+
+class UndeclaredMetric(BaseMetric):
+    """Declares neither inputs nor outputs."""
+
+    def update(self, **values):
+        pass
+
+    def compute(self):
+        return {}
+
+
+class SkipsInitMetric(UndeclaredMetric):
+    """Declares nothing and skips ``super().__init__()``: construction alone does not catch it."""
+
+    def __init__(self):
+        pass
+
+
+class TextOutputMetric(CountRows):
+    """An output of kind ``text``: metric outputs must be numbers."""
+
+    outputs = (Field("rows", "text"),)
+
+
+class WrongResultMetric(CountRows):
+    """Returns a string where it declares a number."""
+
+    def compute(self):
+        return {"rows": "many"}

@@ -36,14 +36,14 @@ def measure_specs(config: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
 
 def measure_job(spec: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
     """Score every test set of one job (a :func:`measure_specs` entry) into its ``metrics.json``."""
-    from espnet3_rules.metrics import measure, provider_dataset_source
+    from espnet3_rules.systems.base.metric import build_metrics, provider_dataset_source, score
 
     jobs = [JobSpec.from_dict(fields) for fields in spec["jobs"]]
     section = spec["measure"]
-    return measure(
-        section["metrics"],
+    return score(
+        build_metrics(section["metrics"]),
         jobs[0].root.parent,
-        test_sets=[job.root.name for job in jobs],
+        [job.root.name for job in jobs],
         datasets={job.root.name: provider_dataset_source(build_provider(job)) for job in jobs},
         idx_key=section.get("idx_key") or "utt_id",
         dataset_artifacts=section.get("dataset_artifacts"),

@@ -35,12 +35,12 @@ class ContractAttributeError(ContractError, AttributeError):
     """A :class:`ContractError` where ESPnet3 raises ``AttributeError`` (e.g. a config key it reads is missing)."""
 
 
-class ContractAssertionError(ContractError, AssertionError):
-    """A :class:`ContractError` where ESPnet3 asserts (``infer``'s test-set checks)."""
-
-
 class ContractFileNotFoundError(ContractError, FileNotFoundError):
     """A :class:`ContractError` where ESPnet3 raises ``FileNotFoundError`` (a shard not complete at merge)."""
+
+
+class ContractAssertionError(ContractError, AssertionError):
+    """A :class:`ContractError` where ESPnet3 asserts (``infer``'s test-set checks, SCP inputs out of step, a missing input file)."""
 
 
 def import_object(path: str, what: str = "object") -> Any:

@@ -16,6 +16,8 @@ second hand-written copy.
   the conformance programs (``program_*(output_dir)``, see ``tests/test_espnet3_conformance.py``):
   the "Provider and Runner" page's examples and mistakes; resume and shard locks; InferenceProvider
   and InferenceRunner behaviour. :mod:`espnet3_user.targets`: their Hydra ``_target_`` classes.
+- :mod:`espnet3_user.metrics`: a ``BaseMetric`` with states and an artifact, and a provider whose
+  ``build_dataset`` gives the references, for ``measure`` (``tests/test_espnet3_measure.py``).
 
 Importing this package itself imports no ESPnet3.
 """
