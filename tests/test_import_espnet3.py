@@ -34,7 +34,7 @@ def test_converted_jobs_are_the_ones_infer_runs():
     for job, reference in zip(ours, mapped):
         assert job.result_fields() == reference.result_fields()
         assert (job.n_shards, job.resources, job.test_set) == (reference.n_shards, reference.resources, reference.test_set)
-    assert entry["measure"] == {"metrics": [{"metric": "espnet3_rules.metrics.WER", "inputs": {"ref": "dataset:text", "hyp": "hyp"}}]}
+    assert entry["measure"] == {"metrics": [{"metric": "espnet3_rules.systems.esp2_asr.metrics.wer.WER", "inputs": {"ref": "dataset:text", "hyp": "hyp"}}]}
 
 
 def test_metrics_target_and_kwargs_and_list_inputs(tmp_path):
