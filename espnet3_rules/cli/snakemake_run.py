@@ -293,12 +293,14 @@ def run_shards(plan: ShardPlan, shard_ids: Sequence[int], env: str, n_workers: i
 def _execute(snakefile: Path, config_file: Path, how: Execution, targets: List[str], progress: ShardProgress) -> bool:
     """One ``snakemake.api`` run of ``targets`` (forced, keep-going, our locks instead of Snakemake's)."""
     from snakemake.api import SnakemakeApi
+    from snakemake.scheduling.greedy import SchedulerSettings as GreedySchedulerSettings
     from snakemake.settings.types import (
         ConfigSettings,
         DAGSettings,
         ExecutionSettings,
         OutputSettings,
         ResourceSettings,
+        SchedulingSettings,
     )
 
     with SnakemakeApi(OutputSettings(printshellcmds=False)) as api:
@@ -320,6 +322,9 @@ def _execute(snakefile: Path, config_file: Path, how: Execution, targets: List[s
                 executor=how.executor,
                 execution_settings=ExecutionSettings(keep_going=True, lock=False, latency_wait=60),
                 executor_settings=_executor_settings(how.executor),
+                # independent shards of one rule: nothing for the ILP scheduler to weigh
+                scheduling_settings=SchedulingSettings(scheduler="greedy"),
+                scheduler_settings=GreedySchedulerSettings(),
             )
         finally:
             logger.propagate = propagate
