@@ -43,7 +43,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run_shard(args: argparse.Namespace) -> int:
     from espnet3_rules.cli.gpu import gpu_slots
-    from espnet3_rules.engine.shard import build_worker_env, run_shard
+    from espnet3_rules.engine.shard import ShardInterrupted, build_worker_env, run_shard
 
     plan = _plan_from_args(args)
     plan.shard_dir(args.shard)  # refuses an id outside the plan before building anything
@@ -52,7 +52,11 @@ def cmd_run_shard(args: argparse.Namespace) -> int:
         provider = build_provider(plan.job)
         env = build_worker_env(provider)
         env.setdefault("device", device)
-        run_shard(runner_class(plan.job), plan, args.shard, env, type(provider).__name__)
+        try:
+            run_shard(runner_class(plan.job), plan, args.shard, env, type(provider).__name__, stop_on_sigterm=True)
+        except ShardInterrupted as exc:  # SIGTERM: committed; exit 128 + signal, no traceback
+            print(error_line(args.command, exc), file=sys.stderr)
+            return exc.exit_code
     print(f"{plan.shard_dir(args.shard)}: done ({len(plan.shards[args.shard])} items; {_usage()})")
     return 0
 

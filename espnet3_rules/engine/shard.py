@@ -8,6 +8,10 @@ Shard locks (``split.N/lock``) keep two ``runner(indices)`` calls on one output 
 from running the same shard at once. Snakemake shard jobs (``run-shard``) take none:
 Snakemake locks its working directory itself, and a shard job requeued on another
 host must not be refused by the lock of the one that died.
+
+A shard commits its progress to a journal as it runs (:mod:`espnet3_rules.engine.journal`);
+a rerun of the same plan continues at the first uncommitted item where the runner's
+writers can resume (:func:`writers_resumable`), and from item 0 otherwise.
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import inspect
 import pickle
+import signal
 import socket
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -35,6 +43,16 @@ from espnet3_rules.engine.contracts import (
 )
 from espnet3_rules.engine.files import atomic_path, write_json_atomic
 from espnet3_rules.engine.job import shard_env
+from espnet3_rules.engine.journal import (
+    Committed,
+    Journal,
+    discard_journal,
+    file_name,
+    file_sizes,
+    read_journal,
+    restored_state,
+    truncate_files,
+)
 from espnet3_rules.engine.plan import ShardPlan
 
 DONE_NAME = "done"
@@ -47,6 +65,19 @@ logger = logging.getLogger(__name__)
 #: ``"fold_via_write_record"`` on a ``reduce_state`` that only calls ``write_record``;
 #: ``"append_to_records"`` on a ``write_record`` that only appends to ``state["records"]``.
 STANDARD_HOOK = "_espnet3_rules_standard_hook"
+
+#: The hooks that :data:`RESUMABLE` on a class vouches for: a subclass overriding one must say it again.
+WRITER_HOOKS = ("open_writers", "write_record", "close_writers", "journal_files", "reopen_writers")
+#: Class attribute by which a runner says its writers resume (see ``BaseRunner.resumable_writers``).
+RESUMABLE = "resumable_writers"
+
+
+class ShardInterrupted(RuntimeError):
+    """A signal (SIGTERM) stopped the shard after it committed what it had finished."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def standard_hook(kind: str) -> Callable[[Callable], Callable]:
@@ -235,15 +266,97 @@ def progress_chunks(
             size = max(1, size // 2)
 
 
+def writers_resumable(runner_cls: type) -> bool:
+    """Whether a shard of ``runner_cls`` may resume mid-way.
+
+    True where the nearest class of the MRO that sets :data:`RESUMABLE` sets it true
+    and none of :data:`WRITER_HOOKS` is overridden below that class.
+    """
+    owner = next((klass for klass in runner_cls.__mro__ if RESUMABLE in vars(klass)), None)
+    if owner is None or vars(owner)[RESUMABLE] is not True:
+        return False
+    return all(inspect.getattr_static(runner_cls, hook, None) is inspect.getattr_static(owner, hook, None)
+               for hook in WRITER_HOOKS)
+
+
+def resume_state(runner_cls: type, journal: Journal, committed: Optional[Committed], state: Any) -> Tuple[Any, int]:
+    """Bring the freshly initialised shard to its last commit: ``(state, first item to run)``.
+
+    The writers' files are cut to their committed lengths (to zero on a fresh start:
+    append-mode files of an earlier run). A journal that does not match the files
+    (other files, one shorter than committed) is ignored: the shard restarts.
+    """
+    writers = state.get("_writers") if isinstance(state, dict) else None
+    if not journal.enabled or writers is None:
+        return state, 0
+    if committed is not None:
+        runner_cls.reopen_writers(writers, list(committed.files))
+    handles = list(runner_cls.journal_files(writers))
+    names = [file_name(handle, journal.shard_dir) for handle in handles]
+    if committed is not None:
+        sizes = dict(zip(names, file_sizes(handles)))
+        if sorted(names) == sorted(committed.files) and all(sizes[n] >= committed.files[n] for n in names):
+            truncate_files(handles, [committed.files[n] for n in names])
+            journal.resumed(committed)
+            state = restored_state(committed, state, journal.shard_dir, journal.records)
+            journal.n_records = len(state["records"]) if journal.records else 0
+            logger.info("%s: resuming at item %d (the journal's last commit)", journal.shard_dir, committed.n_done)
+            return state, committed.n_done
+        logger.warning("%s: the journal does not match the shard's files (%s): restarting", journal.shard_dir, names)
+    truncate_files(handles, [0] * len(handles))
+    return state, 0
+
+
+@contextmanager
+def sigterm_stops(enabled: bool) -> Iterator[List[int]]:
+    """While active, SIGTERM is only noted (in the yielded list) for the shard loop to stop at."""
+    received: List[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def shard_chunks(
+    items: Sequence[Any], start: int, progress: Any, journal: Journal, stop: List[int], state: Callable[[], Any]
+) -> Iterator[Sequence[Any]]:
+    """:func:`progress_chunks` of ``items[start:]``; after each, commit when due, or commit and
+    raise :class:`ShardInterrupted` once a signal was noted in ``stop`` (unless the shard is through)."""
+    n_done = start
+    for chunk in progress_chunks(items[start:], progress, max_size=journal.max_chunk):
+        yield chunk
+        n_done += len(chunk)
+        if stop and n_done < len(items):
+            journal.commit(n_done, state())
+            kept = f"committed {journal.n_committed} of {len(items)} items" if journal.enabled else (
+                "its writers cannot resume, so a rerun restarts it")
+            raise ShardInterrupted(f"stopped by signal {stop[0]} ({kept}); rerun it to continue", stop[0])
+        if journal.due(n_done):
+            journal.commit(n_done, state())
+
+
 def run_shard(
-    runner_cls: type, plan: ShardPlan, shard_id: int, provider_env: Dict[str, Any], provider_name: Optional[str] = None
+    runner_cls: type,
+    plan: ShardPlan,
+    shard_id: int,
+    provider_env: Dict[str, Any],
+    provider_name: Optional[str] = None,
+    resume: bool = True,
+    stop_on_sigterm: bool = False,
 ) -> Dict[str, Any]:
     """Process one shard end to end and return its finalized state.
 
     Any earlier ``done`` is removed first, so a shard that dies part-way leaves
     none; ``done`` (holding the plan's fingerprint) is written last, atomically.
-    An exception on the way gets a note naming the shard and the item (or hook)
-    it failed in, which the CLI puts in its one-line error.
+    With ``resume``, a journal of the same plan makes it continue at its last
+    commit (see :func:`resume_state`). With ``stop_on_sigterm`` (the CLI), SIGTERM
+    makes it stop after the current slice of items, commit, and raise
+    :class:`ShardInterrupted`. An exception on the way gets a note naming the
+    shard and the item (or hook) it failed in, which the CLI puts in its one-line error.
     """
     env = shard_env(plan.job, provider_env)
     check_forward_env(runner_cls, env, provider_name)
@@ -252,6 +365,10 @@ def run_shard(
     done_path(shard_dir).unlink(missing_ok=True)
 
     items = plan.shards[shard_id]
+    resumable = writers_resumable(runner_cls)
+    committed = read_journal(shard_dir, plan.fingerprint, len(items)) if resume and resumable else None
+    if committed is None:
+        discard_journal(shard_dir)
     progress = tqdm(
         total=len(items),
         desc=f"{plan.job.name} shard {shard_id}",
@@ -262,24 +379,30 @@ def run_shard(
     )
     stage, item = "init_state", None
     try:
-        state = runner_cls.init_state(shard_id=shard_id, **env)
-        forward, forward_env = runner_cls.forward, env_kwargs(runner_cls.forward, env, 1)
-        how, hook, hook_env = record_folder(runner_cls, shard_id, env)
-        stage = "forward"
-        if how == "append":
-            append = state["records"].append
-            for chunk in progress_chunks(items, progress):
-                for item in chunk:
-                    append(forward(item, **forward_env))
-        elif how == "write":
-            writers = state["_writers"]
-            for chunk in progress_chunks(items, progress):
-                for item in chunk:
-                    hook(writers, forward(item, **forward_env), state, **hook_env)
-        else:
-            for chunk in progress_chunks(items, progress):
-                for item in chunk:
-                    state = hook(state, forward(item, **forward_env), **hook_env)
+        with sigterm_stops(stop_on_sigterm) as stop:
+            state = runner_cls.init_state(shard_id=shard_id, **env)
+            forward, forward_env = runner_cls.forward, env_kwargs(runner_cls.forward, env, 1)
+            how, hook, hook_env = record_folder(runner_cls, shard_id, env)
+            journal = Journal(shard_dir, plan.fingerprint, getattr(runner_cls, "journal_files", None),
+                              records=how == "append", enabled=resumable)
+            state, start = resume_state(runner_cls, journal, committed, state)
+            progress.update(start)
+            chunks = shard_chunks(items, start, progress, journal, stop, lambda: state)
+            stage = "forward"
+            if how == "append":
+                append = state["records"].append
+                for chunk in chunks:
+                    for item in chunk:
+                        append(forward(item, **forward_env))
+            elif how == "write":
+                writers = state["_writers"]
+                for chunk in chunks:
+                    for item in chunk:
+                        hook(writers, forward(item, **forward_env), state, **hook_env)
+            else:
+                for chunk in chunks:
+                    for item in chunk:
+                        state = hook(state, forward(item, **forward_env), **hook_env)
         stage = "finalize_state"
         state = runner_cls.finalize_state(state, shard_id=shard_id, **env)
         stage = "save_state"
@@ -289,6 +412,7 @@ def run_shard(
         raise
     finally:
         progress.close()
+    discard_journal(shard_dir)
     write_json_atomic(
         done_path(shard_dir),
         {"fingerprint": plan.fingerprint, "shard_id": shard_id, "n_items": len(items), "pid": os.getpid()},

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from espnet3_rules.engine.cluster_options import shard_resources
 from espnet3_rules.engine.contracts import (
+    ContractError,
     ContractRuntimeError,
     check_env,
     check_forward_env,
@@ -74,6 +75,9 @@ class BaseRunner(ABC):
       results into shard-local files under ``split.N/``.
     - ``merge(shard_dirs)`` combines completed shards on the driver.
 
+    A shard commits its progress as it runs; rerun after a kill (same plan), it
+    continues at the first uncommitted item: see :attr:`resumable_writers`.
+
     Every constructor option of a subclass is recorded as it was passed (no
     override needed): it enters the plan's fingerprint, a shard or merge process
     constructs the runner with it again, and the hooks see it as an env default.
@@ -115,6 +119,16 @@ class BaseRunner(ABC):
         self.shard_subdir = shard_subdir or ""
         self.resume = resume
         self.n_shards = n_shards
+
+    #: Whether a shard killed part-way may continue where it was (ours; ESPnet3 restarts shards).
+    #: The default hooks (results in ``state["records"]``) and InferenceRunner's resume. A
+    #: subclass overriding ``open_writers``, ``write_record`` or ``close_writers`` restarts its
+    #: shards from item 0 unless it sets this true again, which promises: every open file among
+    #: the values of ``open_writers``' dict lies under ``shard_dir``, is opened in append mode
+    #: (``"a"``/``"ab"``) and is only appended to, one whole record per ``write_record``; other
+    #: files ``write_record`` writes are rewritten whole when an item is computed again. A
+    #: rerun then cuts each such file to the length that holds the committed items.
+    resumable_writers: bool = True
 
     # ------------------------------------------------------------------ hooks
     @staticmethod
@@ -178,6 +192,37 @@ class BaseRunner(ABC):
             if callable(close):
                 close()
         return None
+
+    @classmethod
+    def journal_files(cls, writers: Dict[str, Any]) -> List[Any]:
+        """The open files the shard journal keeps lengths of (see :attr:`resumable_writers`).
+
+        Args:
+            writers: What ``open_writers`` returned.
+
+        Returns:
+            Every value of ``writers`` that is an open file.
+
+        Raises:
+            ValueError: One is not opened in append mode.
+        """
+        files = [writer for writer in writers.values() if callable(getattr(writer, "fileno", None))]
+        for handle in files:
+            if "a" not in getattr(handle, "mode", ""):
+                raise ContractError(
+                    f"{cls.__name__}.resumable_writers is set, so open_writers must open its files in append mode "
+                    f"('a'): {handle.name} has mode {getattr(handle, 'mode', None)!r}"
+                )
+        return files
+
+    @staticmethod
+    def reopen_writers(writers: Dict[str, Any], names: List[str]) -> None:
+        """On a resumed shard, after ``open_writers``: open the files it opens only on demand.
+
+        Args:
+            writers: What ``open_writers`` returned.
+            names: The journaled files, relative to ``shard_dir``.
+        """
 
     def merge(self, shard_dirs: List[Path]) -> Any:
         """Combine completed shards on the driver.

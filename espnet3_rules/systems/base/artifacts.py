@@ -39,7 +39,7 @@ from espnet3_rules.engine.files import atomic_path
 SUFFIXES = {"npy": ".npy", "wav": ".wav", "json": ".json", "pickle": ".pkl"}
 ARRAY_TYPES = ("npy", "wav")
 #: Files the engine keeps in ``split.N/``; a field directory of these names would collide.
-RESERVED_FIELD_NAMES = frozenset({"done", "_state.pkl", "field_keys.txt"})
+RESERVED_FIELD_NAMES = frozenset({"done", "_state.pkl", "field_keys.txt", "_journal.pkl", "_journal_records.pkl"})
 
 
 # ----------------------------------------------------------------- names

@@ -248,7 +248,7 @@ def prepare_record(
 
 
 class InferenceRunner(BaseRunner):
-    """Inference runner writing one ``<field>.scp`` per output field.
+    """Inference runner writing one ``<field>.scp`` per output field (its shards resume mid-way).
 
     Args:
         provider: Provider of ``dataset`` and ``model`` (usually an InferenceProvider).
@@ -276,6 +276,8 @@ class InferenceRunner(BaseRunner):
     The options given are recorded and become env defaults of the static hooks: a
     provider param of the same name (as ESPnet3's ``infer()`` passes them) wins.
     """
+
+    resumable_writers = True
 
     def __init__(
         self,
@@ -494,6 +496,19 @@ class InferenceRunner(BaseRunner):
                     writers["scp_handles"][name] = handle
                     writers["field_keys"].append(name)
                 handle.write(f"{utt_id} {text}\n")
+
+    @classmethod
+    def journal_files(cls, writers: Dict[str, Any]) -> List[Any]:
+        """The ``<field>.scp`` files opened so far (artifacts are whole files, rewritten when an item reruns)."""
+        return list(writers["scp_handles"].values())
+
+    @staticmethod
+    def reopen_writers(writers: Dict[str, Any], names: List[str]) -> None:
+        """Reopen the journaled ``<field>.scp`` files for appending, as the fields seen so far."""
+        for name in names:
+            field = name[: -len(".scp")]
+            writers["scp_handles"][field] = (writers["shard_dir"] / name).open("a", encoding="utf-8")
+            writers["field_keys"].append(field)
 
     @staticmethod
     def close_writers(writers: Dict[str, Any], state: Optional[Dict[str, Any]] = None, **env: Any) -> None:
