@@ -10,7 +10,7 @@ environment, umask, resource limits and stdin/stdout/stderr, and the server fork
 a child that becomes that process and runs ``espnet3_rules.cli.main.main(argv)``
 (nothing else: a request names no module), then sends back the exit status,
 which the client exits with (or the signal that killed the child, which the
-client dies of).
+client dies of). A SIGTERM to the client is passed on to the child.
 
 - Only imports of installed code are shared: the server imports (after a shard
   used them) only modules of the standard library, of site-packages and of
@@ -61,10 +61,11 @@ import tempfile
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.machinery import ModuleSpec
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 SWITCH_ENV = "ESPNET3_RULES_FORKSERVER"  # "0" turns the fork server off
 IDLE_EXIT_S = 10.0  # a server with no children and no requests for this long exits
@@ -151,7 +152,8 @@ def run_in_warm_process(argv: Sequence[str]) -> Optional[int]:
             reason = (reply or {}).get("decline", "it closed the connection")
             print(f"espnet3_rules: fork server declined ({reason}); running in a fresh process", file=sys.stderr)
             return None
-        final = _read_message(conn)
+        with forwarded_sigterm(reply["pid"]):
+            final = _read_message(conn)
     if final is None or "status" not in final:
         print(f"espnet3_rules: error: the fork server ended while running pid {reply['pid']}", file=sys.stderr)
         return 1
@@ -164,6 +166,30 @@ def run_in_warm_process(argv: Sequence[str]) -> Optional[int]:
             pass  # SIGKILL and SIGSTOP have no handler to reset
         os.kill(os.getpid(), -code)
     return code
+
+
+@contextmanager
+def forwarded_sigterm(pid: int) -> Iterator[None]:
+    """While active, a SIGTERM to this client is passed on to the forked child ``pid`` (which then
+    stops its shard cleanly, see ``run_shard``), and the client waits for its exit status."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # already gone: its status is on the way
+        yield
+        return
+
+    def forward(signum: int, frame: Any) -> None:
+        try:
+            signal.pidfd_send_signal(pidfd, signum)
+        except OSError:
+            pass  # it has exited meanwhile
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        os.close(pidfd)
 
 
 def asks_for_gpus(argv: Sequence[str]) -> bool:
