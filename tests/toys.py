@@ -1007,3 +1007,52 @@ class WrongResultMetric(CountRows):
 
     def compute(self):
         return {"rows": "many"}
+
+
+# ------------------------------------------- journal: shards that resume mid-way (issue 14)
+class AppendTextRunner(PoisonTextRunner):
+    """PoisonTextRunner whose writer opts in to resuming: ``split.N/text`` opened in append mode."""
+
+    resumable_writers = True
+
+    @staticmethod
+    def open_writers(shard_dir, **env):
+        faults.at("open_writers", shard_dir)
+        return {"text": (shard_dir / "text").open("a", encoding="utf-8")}
+
+
+class WriteModeTextRunner(AppendTextRunner):
+    """Opts in to resuming but opens its file with ``"w"`` (the opt-in needs append mode)."""
+
+    resumable_writers = True
+
+    @staticmethod
+    def open_writers(shard_dir, **env):
+        return {"text": (shard_dir / "text").open("w", encoding="utf-8")}
+
+
+class RecordsRunner(BaseRunner):
+    """The default hooks: each ``{idx, text}`` result into ``state["records"]``; ``forward`` fault point."""
+
+    @staticmethod
+    def forward(idx, dataset, model, output_dir="", shard_subdir="", **env):
+        faults.at("forward", Path(output_dir, shard_subdir, f"item.{idx}"))
+        return {"idx": idx, "text": model(dataset[idx])}
+
+
+class SumStateRunner(RecordsRunner):
+    """Its own state hooks: a running character count and the texts, kept in the shard state."""
+
+    @classmethod
+    def init_state(cls, shard_id=0, **env):
+        return {"shard_id": shard_id, "chars": 0, "texts": []}
+
+    @classmethod
+    def reduce_state(cls, state, result, **env):
+        state["chars"] += len(result["text"])
+        state["texts"].append(result["text"])
+        return state
+
+    @classmethod
+    def finalize_state(cls, state, **env):
+        return {**state, "n": len(state["texts"])}

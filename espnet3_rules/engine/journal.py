@@ -189,11 +189,12 @@ class Journal:
         self.next_at = time.monotonic() + max(self.seconds, COST_FACTOR * (time.monotonic() - began))
 
     def state_view(self, state: Any) -> Any:
-        """The state as journaled: without ``_writers`` (and ``records`` where those go to their own file)."""
+        """The state as journaled: ``_writers`` (and ``records`` where those go to their own file) as None,
+        so that the restored state keeps the keys' order."""
         if not isinstance(state, dict):
             return state
         dropped = ("_writers", "records") if self.records else ("_writers",)
-        return {key: value for key, value in state.items() if key not in dropped}
+        return {key: None if key in dropped else value for key, value in state.items()}
 
     def append_records(self, state: Dict[str, Any]) -> int:
         """Append the records since the last commit to ``_journal_records.pkl``; its new length."""
@@ -213,7 +214,7 @@ def restored_state(committed: Committed, fresh: Any, shard_dir: Path, records: b
     state = pickle.loads(committed.state)
     if not isinstance(state, dict):
         return state
-    if isinstance(fresh, dict) and "_writers" in fresh:
+    if "_writers" in state:
         state["_writers"] = fresh["_writers"]
     if records:
         state["records"] = read_records(shard_dir, committed.records_length)

@@ -286,12 +286,14 @@ def resume_state(runner_cls: type, journal: Journal, committed: Optional[Committ
     append-mode files of an earlier run). A journal that does not match the files
     (other files, one shorter than committed) is ignored: the shard restarts.
     """
-    writers = state.get("_writers") if isinstance(state, dict) else None
-    if not journal.enabled or writers is None:
+    if not journal.enabled:
         return state, 0
-    if committed is not None:
-        runner_cls.reopen_writers(writers, list(committed.files))
-    handles = list(runner_cls.journal_files(writers))
+    writers = state.get("_writers") if isinstance(state, dict) else None
+    handles = []
+    if writers is not None:
+        if committed is not None:
+            runner_cls.reopen_writers(writers, list(committed.files))
+        handles = list(runner_cls.journal_files(writers))
     names = [file_name(handle, journal.shard_dir) for handle in handles]
     if committed is not None:
         sizes = dict(zip(names, file_sizes(handles)))
