@@ -12,6 +12,7 @@ Parts (each prints one or more table rows with a ratio and its target):
 - ``rerun``    Snakemake rerun after one of the shards failed vs the full run.
 - ``plan``     ``snakemake -n`` for 1,000 and 10,000 shards.
 - ``merge``    InferenceRunner.merge / concatenate_shard_files of ~1 GB of shard text vs ``cat``.
+- ``resume``   a shard SIGKILLed at 90 % of its items, then rerun: the share of its items the rerun computes.
 
 ESPnet3 is never vendored: its wheel is downloaded with pip and unpacked into ``bench/.cache``,
 and dask is installed into the benchmark's own venv ``bench/.venv`` (both git-ignored).
@@ -26,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,7 +48,7 @@ IMPORT_SWITCH = {
     "from espnet3.parallel.env_provider import": "from espnet3_rules.parallel.env_provider import",
 }
 ESPNET3_BENCH_DEPS = ["dask[distributed]==2026.8.0", "dask-jobqueue==0.9.0", "typeguard==4.6.1"]
-PARTS = ("inshard", "workflow", "rerun", "plan", "merge")
+PARTS = ("inshard", "workflow", "rerun", "plan", "merge", "resume")
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,13 @@ class Sizes:
     plan_items: int = 100_000
     merge_bytes: int = 1_000_000_000
     merge_shards: int = 16
+    resume_items: int = 10_000
     repeats: int = 3
 
 
 QUICK = Sizes(
     inshard_items=20_000, utts=16, shards=4, extra_shards=(), plan_shards=(10, 100), plan_items=1_000,
-    merge_bytes=16_000_000, repeats=1,
+    merge_bytes=16_000_000, resume_items=1_000, repeats=1,
 )  # fmt: skip
 
 
@@ -620,6 +623,64 @@ def bench_merge(ws: Workspace) -> List[Row]:
     return rows
 
 
+#: ``kill_at.py K ARGS``: the CLI (``ARGS``) with the benchmark's EchoRunner SIGKILLed at item K.
+RESUME_KILL_SCRIPT = """\
+import os, signal, sys
+import rules_user
+from espnet3_rules.cli.main import main
+kill_at, real = int(sys.argv[1]), rules_user.EchoRunner.forward
+def forward(idx, *args, **kwargs):
+    if idx == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(idx, *args, **kwargs)
+rules_user.EchoRunner.forward = staticmethod(forward)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def bench_resume(ws: Workspace) -> List[Row]:
+    """A shard (default records hooks) SIGKILLed at 90 % of its items, then rerun in this process."""
+    sys.path.insert(0, str(ws.user_dir))
+    import rules_user as user
+    from omegaconf import OmegaConf
+
+    from espnet3_rules.engine.journal import ITEMS_ENV
+    from espnet3_rules.engine.plan import make_plan, write_manifest
+    from espnet3_rules.engine.shard import build_worker_env, load_state, run_shard
+
+    n = ws.sizes.resume_items
+    every, kill_at = max(n // 100, 1), n * 9 // 10
+    root = ws.fresh_dir("resume")
+    runner = user.EchoRunner(user.EchoProvider(OmegaConf.create({"n_items": n})), output_dir=root, shard_subdir="resume")
+    plan = make_plan(runner.job_spec(), range(n))
+    manifest = write_manifest(plan)
+    script = root / "kill_at.py"
+    script.write_text(RESUME_KILL_SCRIPT, encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=pythonpath(ws.user_dir), **{ITEMS_ENV: str(every)})
+    cmd = [sys.executable, str(script), str(kill_at), "run-shard", "--manifest", str(manifest), "--shard", "0"]
+    killed = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+    if killed.returncode != -signal.SIGKILL:
+        raise RuntimeError(f"the shard was not killed at item {kill_at} ({killed.returncode}):\n{killed.stderr[-2000:]}")
+    calls: List[int] = []
+    real = user.EchoRunner.forward
+    user.EchoRunner.forward = staticmethod(lambda idx, *a, **kw: calls.append(idx) or real(idx, *a, **kw))
+    try:
+        start = time.perf_counter()
+        run_shard(user.EchoRunner, plan, 0, build_worker_env(runner.provider))
+        wall = time.perf_counter() - start
+    finally:
+        user.EchoRunner.forward = real
+    if load_state(plan.shard_dir(0))["records"] != [str(i) for i in range(n)]:
+        raise RuntimeError("the resumed shard's records differ from an uninterrupted run's")
+    share = len(calls) / n
+    return [
+        Row("resume after a kill", f"rerun of a shard SIGKILLed at 90 % of {n:,} items ({len(calls):,} computed)", wall,
+            "ESPnet3, Kaldi, Snakemake: the whole shard again", None, share, "<= 0.15", share <= 0.15,
+            f"ratio = items the rerun computes / items in the shard; a commit every {every} items ({ITEMS_ENV}; "
+            f"by default every 5 s); {kill_at - calls[0] if calls else 0} items computed in both runs")
+    ]  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ report
 def fmt_s(value: Optional[float]) -> str:
     """Seconds with 3 significant digits ('-' for none)."""
@@ -689,6 +750,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows += bench_plan(ws)
         if "merge" in parts:
             rows += bench_merge(ws)
+        if "resume" in parts:
+            rows += bench_resume(ws)
     finally:
         ws.stop_fork_servers()
         if args.keep:
