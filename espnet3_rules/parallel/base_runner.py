@@ -381,7 +381,7 @@ class BaseRunner(ABC):
             elif pending:
                 env = check_env(self.provider, self.provider.build_env_local())
                 for shard_id, held in pending:
-                    run_shard(type(self), plan, shard_id, env, provider_name)
+                    run_shard(type(self), plan, shard_id, env, provider_name, resume=self.resume)
                     release_shard_lock(plan.shard_dir(shard_id), held)
         return merge_plan(self, plan)
 
