@@ -1,5 +1,6 @@
 import json
 import re
+import shlex
 import sys
 
 from espnet3_rules.cli.config import GROWING_RESOURCES, describe_job, exit_on_contract_error, jobs_from_config, shard_resource as resource_of
@@ -10,6 +11,10 @@ from espnet3_rules.cli.snakemake_run import jobs_from_manifests
 # split.N/, merge.done. The config is checked against the schema (one line naming the key);
 # contract errors stop snakemake (also -n) with one line; no job may write into config/.
 # runner(indices) with a parallel config (workflow/planned.smk) passes its planned manifests instead.
+# Every rule runs the interpreter that runs Snakemake (it imports espnet3_rules, above), not
+# whatever `python` PATH finds first: no launcher (pyenv shim, ~60 ms) per shard, no other env.
+PYTHON = shlex.quote(sys.executable)
+
 with exit_on_contract_error():
     if "manifests" in config:
         JOBS = jobs_from_manifests(config["manifests"])
