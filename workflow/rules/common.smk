@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import shlex
 import sys
@@ -70,14 +71,17 @@ def shard_resource(name):
 
 
 def all_targets():
-    """Every job's merge.done and every shard's done.
+    """Every job's merge.done, and each split.N/done missing under an existing merge.done.
 
-    The shard markers are targets too: Snakemake does not rebuild a deleted
-    intermediate file whose consumer is up to date, so a deleted split.N/done
-    would otherwise go unnoticed; as a target it reruns that shard, then the merge.
+    Snakemake does not rebuild a deleted intermediate file whose consumer is up to date, so such
+    a split.N/done is a target of its own: it reruns that shard, then the merge. Where merge.done
+    is missing the merge needs every shard anyway, and listing them all would double the DAG work
+    of a first run (one target per shard).
     """
     targets = []
     for root, job in JOBS.items():
-        targets += [f"{root}/split.{i}/done" for i in range(job.n_shards)]
-        targets.append(f"{root}/merge.done")
+        merged = f"{root}/merge.done"
+        if os.path.exists(merged):
+            targets += [f"{root}/split.{i}/done" for i in range(job.n_shards) if not os.path.exists(f"{root}/split.{i}/done")]
+        targets.append(merged)
     return targets + [spec["output"] for spec in MEASURES.values()]
