@@ -31,6 +31,7 @@ import os
 import platform
 import resource
 import shutil
+import site
 import statistics
 import subprocess
 import sys
@@ -233,15 +234,41 @@ def load_wheel_helper():
     return module
 
 
+def running_site_dirs() -> List[str]:
+    """The site-packages directories of the running interpreter (a venv's own, then its base's where it sees them)."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def make_bench_venv(venv: Path) -> Path:
+    """The bench venv's python: it sees every package of the running interpreter, whatever installed it.
+
+    ``--system-site-packages`` alone would show only the *base* interpreter's packages, so with
+    this project installed in a virtualenv the ESPnet3 side would miss omegaconf and the rest.
+    A ``.pth`` file lists the running environment's site directories after the venv's own
+    (where dask goes), and is rewritten when the running environment changes.
+    """
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    own = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                         capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    pth = Path(own) / "_espnet3_rules_bench.pth"
+    lines = "".join(f"{d}\n" for d in running_site_dirs())
+    if not pth.exists() or pth.read_text(encoding="utf-8") != lines:
+        pth.write_text(lines, encoding="utf-8")
+    return python
+
+
 def setup_espnet3(cache: Path, version: str, venv: Path) -> Espnet3:
     """Download and unpack the espnet wheel (``espnet3/``, ``espnet2/``) and make the bench venv with dask."""
     root = load_wheel_helper().espnet3_path(cache, version)
     source = (root / "espnet3" / "parallel" / "base_runner.py").read_text(encoding="utf-8")
     if "def is_shard_done" not in source or "resume" not in source:
         raise RuntimeError(f"espnet {version}: espnet3/parallel/base_runner.py has no resume/done support")
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = make_bench_venv(venv)
     if tool_version("distributed", str(python)) == "absent" or tool_version("dask_jobqueue", str(python)) == "absent":
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", *ESPNET3_BENCH_DEPS], check=True)
     return Espnet3(version=version, root=root, python=str(python))
