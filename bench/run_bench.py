@@ -591,7 +591,7 @@ def against_bare(ws: Workspace, part: str, n_shards: int, job: Dict[str, Any], a
     def measure(name: str) -> Callable[[], float]:
         def once() -> float:
             ws.stop_fork_servers()
-            workdir = ws.fresh_dir(f"{part}{n_shards}-{name}")
+            workdir = ws.fresh_dir(f"{part.replace(' ', '-')}{n_shards}-{name}")
             if name == "ours":
                 wall, cpu = ws.ours_snakemake(workdir, job, *args)
             else:

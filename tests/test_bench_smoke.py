@@ -19,9 +19,11 @@ def test_quick_bench_runs_every_part_and_prints_the_table(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "| part | ours | median | reference | median | ratio | target | met |" in out
-    for part in ("in-shard throughput", "workflow wall time", "rerun after 1 failed shard", "dry-run planning", "merge throughput"):
+    for part in ("in-shard throughput", "workflow wall time", "rerun after 1 failed shard", "dry-run planning", "local run",
+                 "scale", "merge throughput"):
         assert f"| {part} |" in out, f"no {part!r} row in:\n{out}"
     assert "ESPnet3 (skipped)" in out
+    assert "bare Snakefile, same DAG" in out, "the dry-run and local rows compare with bench/bare.smk"
     assert "- snakemake: " in out and "- python: " in out
     assert (tmp_path / "bench.json").exists()
     assert not (tmp_path / "cache" / "wheels").exists(), "--no-espnet must not download anything"
