@@ -10,7 +10,11 @@ Parts (each prints one or more table rows with a ratio and its target):
 - ``workflow`` ``snakemake --cores 2`` (16 shards) vs ESPnet3's BaseRunner on a Dask LocalCluster
   with 2 workers: the same user classes (``bench/espnet3_user.py``), only their import lines differ.
 - ``rerun``    Snakemake rerun after one of the shards failed vs the full run.
-- ``plan``     ``snakemake -n`` for 1,000 and 10,000 shards.
+- ``plan``     ``snakemake -n`` for 1,000 and 10,000 shards vs ``bench/bare.smk`` (bare Snakemake, the same
+  DAG shape: plan -> N shards -> merge of ``touch`` rules, no package code).
+- ``local``    ``snakemake --cores 2`` of 100 one-item shards vs the bare Snakefile's 100 ``touch`` jobs.
+- ``scale``    plan, manifest.json, shards and merge in-process at 10,000 x 1,000 and 100,000 x 10,000
+  (items x shards): each step's time against linear growth from the smaller size.
 - ``merge``    InferenceRunner.merge / concatenate_shard_files of ~1 GB of shard text vs ``cat``.
 - ``resume``   a shard SIGKILLed at 90 % of its items, then rerun: the share of its items the rerun computes.
 
@@ -26,8 +30,10 @@ import filecmp
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
+import site
 import statistics
 import subprocess
 import sys
@@ -35,12 +41,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 sys.path.insert(0, str(REPO))  # this checkout's espnet3_rules, whatever is installed
 USER_TEMPLATE = BENCH / "espnet3_user.py"
+BARE_SNAKEFILE = BENCH / "bare.smk"  # the reference of the plan and local parts: the same DAG, `touch` rules
 RULES_USER = "rules_user"  # module name of the espnet3_rules copy of the user code
 ESPNET3_USER = "espnet3_user"
 IMPORT_SWITCH = {
@@ -48,7 +55,7 @@ IMPORT_SWITCH = {
     "from espnet3.parallel.env_provider import": "from espnet3_rules.parallel.env_provider import",
 }
 ESPNET3_BENCH_DEPS = ["dask[distributed]==2026.8.0", "dask-jobqueue==0.9.0", "typeguard==4.6.1"]
-PARTS = ("inshard", "workflow", "rerun", "plan", "merge", "resume")
+PARTS = ("inshard", "workflow", "rerun", "plan", "local", "scale", "merge", "resume")
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ class Sizes:
     workers: int = 2  # snakemake --cores and Dask LocalCluster n_workers
     plan_shards: Sequence[int] = (1_000, 10_000)
     plan_items: int = 100_000
+    local_shards: int = 100  # trivial shards of the local part (one item each)
+    scale: Sequence[Tuple[int, int]] = ((10_000, 1_000), (100_000, 10_000))  # (items, shards) of the scale part
     merge_bytes: int = 1_000_000_000
     merge_shards: int = 16
     resume_items: int = 10_000
@@ -71,7 +80,7 @@ class Sizes:
 
 QUICK = Sizes(
     inshard_items=20_000, utts=16, shards=4, extra_shards=(), plan_shards=(10, 100), plan_items=1_000,
-    merge_bytes=16_000_000, resume_items=1_000, repeats=1,
+    local_shards=8, scale=((1_000, 10), (10_000, 100)), merge_bytes=16_000_000, resume_items=1_000, repeats=1,
 )  # fmt: skip
 
 
@@ -99,14 +108,22 @@ def median(values: Sequence[float]) -> float:
 
 def run(cmd: Sequence[str], env: Dict[str, str], cwd: Path, log: Path, check: bool = True) -> float:
     """Run ``cmd`` with stdout/stderr to ``log``; return its wall time in seconds."""
+    return run_cpu(cmd, env, cwd, log, check)[0]
+
+
+def run_cpu(cmd: Sequence[str], env: Dict[str, str], cwd: Path, log: Path, check: bool = True) -> Tuple[float, float]:
+    """Run ``cmd`` as :func:`run` does; its wall time and the CPU time (user + system) of it and
+    the children it waited for, in seconds (a fork server's children are not among them)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("w") as out:
         start = time.perf_counter()
         proc = subprocess.run(list(cmd), env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if check and proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}); log {log}:\n{tail}")
-    return wall
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def pythonpath(*dirs: Path) -> str:
@@ -220,15 +237,41 @@ def load_wheel_helper():
     return module
 
 
+def running_site_dirs() -> List[str]:
+    """The site-packages directories of the running interpreter (a venv's own, then its base's where it sees them)."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def make_bench_venv(venv: Path) -> Path:
+    """The bench venv's python: it sees every package of the running interpreter, whatever installed it.
+
+    ``--system-site-packages`` alone would show only the *base* interpreter's packages, so with
+    this project installed in a virtualenv the ESPnet3 side would miss omegaconf and the rest.
+    A ``.pth`` file lists the running environment's site directories after the venv's own
+    (where dask goes), and is rewritten when the running environment changes.
+    """
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    own = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                         capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    pth = Path(own) / "_espnet3_rules_bench.pth"
+    lines = "".join(f"{d}\n" for d in running_site_dirs())
+    if not pth.exists() or pth.read_text(encoding="utf-8") != lines:
+        pth.write_text(lines, encoding="utf-8")
+    return python
+
+
 def setup_espnet3(cache: Path, version: str, venv: Path) -> Espnet3:
     """Download and unpack the espnet wheel (``espnet3/``, ``espnet2/``) and make the bench venv with dask."""
     root = load_wheel_helper().espnet3_path(cache, version)
     source = (root / "espnet3" / "parallel" / "base_runner.py").read_text(encoding="utf-8")
     if "def is_shard_done" not in source or "resume" not in source:
         raise RuntimeError(f"espnet {version}: espnet3/parallel/base_runner.py has no resume/done support")
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = make_bench_venv(venv)
     if tool_version("distributed", str(python)) == "absent" or tool_version("dask_jobqueue", str(python)) == "absent":
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", *ESPNET3_BENCH_DEPS], check=True)
     return Espnet3(version=version, root=root, python=str(python))
@@ -302,13 +345,24 @@ class Workspace:
     def snakemake(self, workdir: Path, jobs: Dict[str, Any], *args: str, check: bool = True, log: str = "snakemake.log",
                   env: Optional[Dict[str, str]] = None) -> float:
         """Write ``workdir/config.yaml`` and time ``snakemake`` on the project's Snakefile there."""
+        return self.ours_snakemake(workdir, jobs, *args, check=check, log=log, env=env)[0]
+
+    def bare_snakemake(self, workdir: Path, n_shards: int, *args: str) -> Tuple[float, float]:
+        """Time ``snakemake`` on :data:`BARE_SNAKEFILE` (``n_shards`` shards) in ``workdir``: wall and CPU seconds."""
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(BARE_SNAKEFILE), "-d", str(workdir),
+               "--config", f"n_shards={n_shards}", *args]  # fmt: skip
+        return run_cpu(cmd, self.snakemake_env(), workdir, workdir / "snakemake.log")
+
+    def ours_snakemake(self, workdir: Path, jobs: Dict[str, Any], *args: str, check: bool = True, log: str = "snakemake.log",
+                       env: Optional[Dict[str, str]] = None) -> Tuple[float, float]:
+        """Write ``workdir/config.yaml`` and run ``snakemake`` on the project's Snakefile there: wall and CPU seconds."""
         import yaml
 
         config = workdir / "config.yaml"
         config.write_text(yaml.safe_dump({"jobs": jobs}), encoding="utf-8")
         cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
                "--configfile", str(config), *args]  # fmt: skip
-        return run(cmd, self.snakemake_env(**(env or {})), workdir, workdir / log, check=check)
+        return run_cpu(cmd, self.snakemake_env(**(env or {})), workdir, workdir / log, check=check)
 
     def decode_job(self, data: Path, n_shards: int) -> Dict[str, Any]:
         """The tone-ASR decode job of the workflow and rerun parts."""
@@ -516,27 +570,110 @@ def bench_rerun(ws: Workspace, full_runs: Optional[List[float]]) -> List[Row]:
     return rows
 
 
-def bench_plan(ws: Workspace) -> List[Row]:
-    """``snakemake -n`` wall time for jobs of many shards (trivial job, enough items)."""
-    rows = []
-    for n_shards, limit in zip(ws.sizes.plan_shards, (5.0, 30.0)):
-        job = {
-            "echo": {
-                "runner": f"{RULES_USER}.EchoRunner",
-                "provider": f"{RULES_USER}.EchoProvider",
-                "provider_config": {"n_items": ws.sizes.plan_items},
-                "items": ws.sizes.plan_items,
-                "n_shards": n_shards,
-                "output_dir": "results",
-                "shard_subdir": "echo",
-            }
+def echo_job(n_items: int, n_shards: int) -> Dict[str, Any]:
+    """A trivial job (``EchoRunner``: ``str(dataset[idx])``) of the plan, local and scale parts."""
+    return {
+        "echo": {
+            "runner": f"{RULES_USER}.EchoRunner",
+            "provider": f"{RULES_USER}.EchoProvider",
+            "provider_config": {"n_items": n_items},
+            "items": n_items,
+            "n_shards": n_shards,
+            "output_dir": "results",
+            "shard_subdir": "echo",
         }
-        samples = [ws.snakemake(ws.fresh_dir(f"plan{n_shards}"), job, "-n") for _ in range(ws.sizes.repeats)]
-        ours = median(samples)
-        rows.append(
-            Row("dry-run planning", f"snakemake -n, {n_shards:,} shards", ours, f"target {limit:.0f} s", limit,
-                ours / limit, f"<= {limit:.0f} s", ours <= limit, f"{ws.sizes.plan_items:,} items", {"dry-run": samples})
-        )  # fmt: skip
+    }
+
+
+def against_bare(ws: Workspace, part: str, n_shards: int, job: Dict[str, Any], args: Sequence[str], label: str,
+                 target: float, note: str) -> Row:
+    """Our Snakefile vs :data:`BARE_SNAKEFILE` with ``args``, alternating, each in a fresh directory without
+    fork servers; the row's ratio is of wall times (the note has the ratio of CPU times, which load disturbs less)."""
+    samples: Dict[str, List[float]] = {"ours": [], "bare": [], "ours cpu": [], "bare cpu": []}
+
+    def measure(name: str) -> Callable[[], float]:
+        def once() -> float:
+            ws.stop_fork_servers()
+            workdir = ws.fresh_dir(f"{part.replace(' ', '-')}{n_shards}-{name}")
+            if name == "ours":
+                wall, cpu = ws.ours_snakemake(workdir, job, *args)
+            else:
+                wall, cpu = ws.bare_snakemake(workdir, n_shards, *args)
+            samples[f"{name} cpu"].append(cpu)
+            return wall
+
+        return once
+
+    samples.update(interleaved({"ours": measure("ours"), "bare": measure("bare")}, ws.sizes.repeats))
+    ours, bare = median(samples["ours"]), median(samples["bare"])
+    cpu_ratio = median(samples["ours cpu"]) / median(samples["bare cpu"])
+    return Row(part, label, ours, f"bare Snakefile, same DAG, `touch` rules ({BARE_SNAKEFILE.name})", bare, ours / bare,
+               f"<= {target}x", ours / bare <= target, f"{note}; CPU time ratio {cpu_ratio:.2f}x", samples)  # fmt: skip
+
+
+def bench_plan(ws: Workspace) -> List[Row]:
+    """``snakemake -n`` of a job of many shards vs the bare Snakefile's (the same DAG shape)."""
+    items = ws.sizes.plan_items
+    return [
+        against_bare(ws, "dry-run planning", n, echo_job(items, n), ["-n"], f"snakemake -n, {n:,} shards", 1.3,
+                     f"{items:,} items in {n:,} shards; the bare plan -> shards -> merge of `touch` rules")
+        for n in ws.sizes.plan_shards
+    ]  # fmt: skip
+
+
+def bench_local(ws: Workspace) -> List[Row]:
+    """``snakemake --cores W`` of many one-item shards vs the bare Snakefile's ``touch`` jobs."""
+    n, cores = ws.sizes.local_shards, str(ws.sizes.workers)
+    return [
+        against_bare(ws, "local run", n, echo_job(n, n), ["--cores", cores], f"snakemake --cores {cores}, {n} trivial shards",
+                     2.0, f"{n} one-item shards (plan, shards, merge), fork servers stopped before each run")
+    ]  # fmt: skip
+
+
+def bench_scale(ws: Workspace) -> List[Row]:
+    """Plan, manifest.json, shards and merge of a trivial job in-process, at growing sizes: each should stay linear."""
+    sys.path.insert(0, str(ws.user_dir))
+    import rules_user as user
+    from omegaconf import OmegaConf
+
+    from espnet3_rules.engine.merge import merge_plan
+    from espnet3_rules.engine.plan import make_plan, read_manifest, write_manifest
+    from espnet3_rules.engine.shard import build_worker_env, run_shard
+
+    rows, first = [], None
+    for n_items, n_shards in ws.sizes.scale:
+        provider = user.EchoProvider(OmegaConf.create({"n_items": n_items}))
+        runner = user.EchoRunner(provider, output_dir=ws.fresh_dir(f"scale{n_shards}"), shard_subdir="echo", n_shards=n_shards)
+        env, steps = build_worker_env(provider), {}
+
+        def timed(name: str, fn: Callable[[], Any]) -> Any:
+            start = time.perf_counter()
+            value = fn()
+            steps[name] = time.perf_counter() - start
+            return value
+
+        plan = timed("plan", lambda: make_plan(runner.job_spec(), range(n_items)))
+        manifest = timed("manifest.json write", lambda: write_manifest(plan))
+        plan = timed("manifest.json read", lambda: read_manifest(manifest))
+        with open(os.devnull, "w") as devnull:
+            stderr, sys.stderr = sys.stderr, devnull  # tqdm's bars, as into the shards' logs
+            try:
+                timed("shards (run_shard, one after another)", lambda: [run_shard(user.EchoRunner, plan, i, env) for i in range(n_shards)])
+            finally:
+                sys.stderr = stderr
+        timed("merge", lambda: merge_plan(runner, plan))
+        size = manifest.stat().st_size
+        for name, seconds in steps.items():
+            base = None if first is None else first[name]
+            growth = n_shards / ws.sizes.scale[0][1]
+            rows.append(
+                Row("scale", f"{name}, {n_items:,} items x {n_shards:,} shards", seconds,
+                    "-" if base is None else f"same, {ws.sizes.scale[0][0]:,} x {ws.sizes.scale[0][1]:,}, times {growth:g}",
+                    None if base is None else base * growth, None if base is None else seconds / (base * growth),
+                    "linear (<= 1.5x)" if base is not None else "(base)", None if base is None else seconds <= 1.5 * base * growth,
+                    f"manifest.json {size / 1e6:.2f} MB" if name.startswith("manifest") else "")
+            )  # fmt: skip
+        first = first or dict(steps)
     return rows
 
 
@@ -748,6 +885,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows += bench_rerun(ws, full)
         if "plan" in parts:
             rows += bench_plan(ws)
+        if "local" in parts:
+            rows += bench_local(ws)
+        if "scale" in parts:
+            rows += bench_scale(ws)
         if "merge" in parts:
             rows += bench_merge(ws)
         if "resume" in parts:

@@ -50,7 +50,7 @@ OUT = "out"
 CONTENT_FREE = ("manifest.json", "split.*/done", "split.*/lock")
 #: Only ours writes these (shard state, merge marker, a set-aside ``done``): dropped from ours, absent from ESPnet3's.
 OURS_ONLY = ("split.*/_state.pkl", "merge.done", "split.*/done.rejected",
-             "logs/split.*.log", "benchmarks/split.*.tsv")  # the last two: shards run by Snakemake (a parallel config)
+             "logs/split.*.log")  # the last one: shards run by Snakemake (a parallel config)
 
 
 # ----------------------------------------------------------------------------- harness

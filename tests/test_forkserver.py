@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from espnet3_rules.cli import forkserver
+from espnet3_rules.cli import forkclient, forkserver
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 CLIENT = """
 import sys
-from espnet3_rules.cli.forkserver import run_in_warm_process
+from espnet3_rules.cli.forkclient import run_in_warm_process
 status = run_in_warm_process(sys.argv[1:])
 if status is None:  # what python -m espnet3_rules does too
     print("ran in-process", file=sys.stderr)
@@ -45,7 +45,7 @@ for name in imports:
 atexit.register(lambda: open(atexit_log, "a").write(f"{os.getpid()}\\n"))
 forkserver.serve(Path(sock), fs_target.main)
 """
-SOCKET = "import os; from espnet3_rules.cli import forkserver as f; print(f.server_dir() / (f.server_key(dict(os.environ)) + '.sock'))"
+SOCKET = "import os; from espnet3_rules.cli import forkclient as f; print(f.server_dir() / (f.server_key(dict(os.environ)) + '.sock'))"
 LIMITS = {  # a client's resource limits, all below this machine's usual hard limits
     "RLIMIT_NOFILE": (256, 512), "RLIMIT_AS": (64 << 30, 128 << 30), "RLIMIT_FSIZE": (1 << 30, 2 << 30),
     "RLIMIT_CORE": (0, 1 << 20), "RLIMIT_STACK": (4 << 20, 16 << 20), "RLIMIT_CPU": (600, 1200),
@@ -59,7 +59,7 @@ def env(tmp_path):
     (tmp_path / "mods").mkdir()
     values = dict(os.environ, XDG_RUNTIME_DIR=str(run_dir), FS_VALUE="v1", PYTHONUSERBASE=str(tmp_path / "userbase"),
                   PYTHONPATH=os.pathsep.join([str(tmp_path / "mods"), str(TESTS), str(REPO)]))
-    for name in ("SLURM_JOB_ID", forkserver.SWITCH_ENV, "PYTHONNOUSERSITE"):
+    for name in ("SLURM_JOB_ID", forkclient.SWITCH_ENV, "PYTHONNOUSERSITE"):
         values.pop(name, None)
     yield values
     for pid in processes_under(run_dir):
@@ -247,7 +247,7 @@ def test_a_child_runs_its_own_atexit_handlers_never_the_servers(env, serve, tmp_
 
 def request_bytes(fields):
     payload = json.dumps(fields).encode()
-    return forkserver._HEADER.pack(len(payload)) + payload
+    return forkclient._HEADER.pack(len(payload)) + payload
 
 
 def test_a_silent_or_half_sent_connection_does_not_hold_up_others(env, serve, tmp_path):
@@ -279,8 +279,8 @@ def test_a_request_naming_a_module_is_refused_and_imports_nothing(env, serve, tm
         conn.connect(sock)
         socket.send_fds(conn, [request_bytes(fields)], [devnull.fileno()] * 3)
         conn.settimeout(10)
-        reply = forkserver._read_message(conn)
-        assert forkserver._read_message(conn) is None, "the server closed the connection"
+        reply = forkclient._read_message(conn)
+        assert forkclient._read_message(conn) is None, "the server closed the connection"
     assert "pid" not in reply and "malformed request" in reply["decline"]
     assert not marker.exists()
 
@@ -314,7 +314,7 @@ def test_shards_that_ask_for_gpus_run_as_plain_processes_without_asking_a_server
     (["--gpus=1"], True), (["--gp", "2"], True), (["--gpus"], True), (["--gpusx", "1"], False),
 ])  # fmt: skip
 def test_asks_for_gpus(argv, asks):
-    assert forkserver.asks_for_gpus(argv) == asks
+    assert forkclient.asks_for_gpus(argv) == asks
 
 
 def wait_for_pid(pid_file, proc):
@@ -351,7 +351,7 @@ def test_a_killed_client_takes_its_child_down(env, serve, tmp_path):
     wait_gone(child)
 
 
-@pytest.mark.parametrize("switch", [{"SLURM_JOB_ID": "42"}, {forkserver.SWITCH_ENV: "0"}])
+@pytest.mark.parametrize("switch", [{"SLURM_JOB_ID": "42"}, {forkclient.SWITCH_ENV: "0"}])
 def test_off_inside_slurm_jobs_and_when_switched_off(env, tmp_path, switch):
     ran = client(dict(env, **switch), "info", cwd=tmp_path, check_status=0)
     assert "ran in-process" in ran.stderr
@@ -378,4 +378,4 @@ def test_a_killed_server_takes_its_children_down_and_the_client_fails(env, serve
 ])
 def test_the_server_starts_with_the_clients_interpreter_options(monkeypatch, orig_argv, options):
     monkeypatch.setattr(sys, "orig_argv", orig_argv)
-    assert forkserver.interpreter_options() == options
+    assert forkclient.interpreter_options() == options

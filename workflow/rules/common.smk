@@ -1,5 +1,7 @@
 import json
+import os
 import re
+import shlex
 import sys
 
 from espnet3_rules.cli.config import GROWING_RESOURCES, describe_job, exit_on_contract_error, jobs_from_config, shard_resource as resource_of
@@ -10,6 +12,10 @@ from espnet3_rules.cli.snakemake_run import jobs_from_manifests
 # split.N/, merge.done. The config is checked against the schema (one line naming the key);
 # contract errors stop snakemake (also -n) with one line; no job may write into config/.
 # runner(indices) with a parallel config (workflow/planned.smk) passes its planned manifests instead.
+# Every rule runs the interpreter that runs Snakemake (it imports espnet3_rules, above), not
+# whatever `python` PATH finds first: no launcher (pyenv shim, ~60 ms) per shard, no other env.
+PYTHON = shlex.quote(sys.executable)
+
 with exit_on_contract_error():
     if "manifests" in config:
         JOBS = jobs_from_manifests(config["manifests"])
@@ -65,14 +71,17 @@ def shard_resource(name):
 
 
 def all_targets():
-    """Every job's merge.done and every shard's done.
+    """Every job's merge.done, and each split.N/done missing under an existing merge.done.
 
-    The shard markers are targets too: Snakemake does not rebuild a deleted
-    intermediate file whose consumer is up to date, so a deleted split.N/done
-    would otherwise go unnoticed; as a target it reruns that shard, then the merge.
+    Snakemake does not rebuild a deleted intermediate file whose consumer is up to date, so such
+    a split.N/done is a target of its own: it reruns that shard, then the merge. Where merge.done
+    is missing the merge needs every shard anyway, and listing them all would double the DAG work
+    of a first run (one target per shard).
     """
     targets = []
     for root, job in JOBS.items():
-        targets += [f"{root}/split.{i}/done" for i in range(job.n_shards)]
-        targets.append(f"{root}/merge.done")
+        merged = f"{root}/merge.done"
+        if os.path.exists(merged):
+            targets += [f"{root}/split.{i}/done" for i in range(job.n_shards) if not os.path.exists(f"{root}/split.{i}/done")]
+        targets.append(merged)
     return targets + [spec["output"] for spec in MEASURES.values()]

@@ -12,4 +12,4 @@ rule merge:
     log:
         "{job}/logs/merge.log",
     shell:
-        "python -m espnet3_rules merge --manifest {input.manifest:q} > {log:q} 2>&1"
+        "{PYTHON} -m espnet3_rules merge --manifest {input.manifest:q} > {log:q} 2>&1"

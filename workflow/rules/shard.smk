@@ -7,8 +7,6 @@ rule shard:
         "{job}/split.{i}/done",
     log:
         "{job}/logs/split.{i}.log",
-    benchmark:
-        "{job}/benchmarks/split.{i}.tsv"
     group:
         per_shard(lambda job: resource_of(job, "group") or None)
     threads: shard_resource("threads")
@@ -21,5 +19,5 @@ rule shard:
         slurm_account=shard_resource("slurm_account"),
         slurm_extra=shard_resource("slurm_extra"),
     shell:
-        "python -m espnet3_rules run-shard --manifest {input.manifest:q} --shard {wildcards.i}"
+        "{PYTHON} -m espnet3_rules run-shard --manifest {input.manifest:q} --shard {wildcards.i}"
         " --gpus {resources.gpu} > {log:q} 2>&1"
