@@ -19,7 +19,9 @@ import yaml
 import faults
 import toys
 from espnet3_rules.cli import main as espnet3_cli
+from espnet3_rules.engine.job import build_runner
 from espnet3_rules.engine.journal import ITEMS_ENV, JOURNAL_NAME, SECONDS_ENV
+from espnet3_rules.engine.plan import read_manifest
 from workflow_driver import cli, job, python_env, snapshot
 
 N_ITEMS = 8
@@ -178,6 +180,23 @@ def test_a_changed_plan_never_resumes(workdir, monkeypatch, tmp_path_factory):
 
     assert calls == list(range(N_ITEMS))
     assert (SHARD / "text").read_text() == "".join(f"{i} W{i:04d}X\n" for i in range(N_ITEMS))
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_runner_call_resumes_a_killed_shard_unless_resume_is_false(resume, reference, workdir, monkeypatch):
+    start(workdir, JOBS["append"])
+    assert cli("run-shard", "--manifest", MANIFEST, "--shard", 0, cwd=workdir,
+               fault_specs=[kill_spec("t", 5)]).returncode == -signal.SIGKILL
+    committed = committed_items()
+    assert committed > 0
+    runner = build_runner(read_manifest(MANIFEST).job)
+    runner.resume = resume
+
+    calls = forward_counter(monkeypatch, JOBS["append"])
+    runner(range(N_ITEMS))
+
+    assert calls == list(range(committed if resume else 0, N_ITEMS))
+    assert shard_files(workdir) == reference["append"]
 
 
 def test_resumable_writers_need_append_mode(workdir):

@@ -26,6 +26,7 @@ from espnet3_rules.engine.contracts import (
 )
 from espnet3_rules.engine.files import concatenate_shard_files
 from espnet3_rules.engine.job import JobSpec, declared_env_keys, shard_root
+from espnet3_rules.engine.journal import discard_journal
 from espnet3_rules.engine.merge import merge_plan
 from espnet3_rules.engine.plan import ShardPlan, check_same_layout, jsonable, make_plan, write_manifest
 from espnet3_rules.engine.shard import (
@@ -376,12 +377,15 @@ class BaseRunner(ABC):
         write_manifest(plan)
         with ExitStack() as locks:
             pending = self._lock_pending(plan, locks)
+            if not self.resume:  # every pending shard starts at item 0, however it is run
+                for shard_id, _ in pending:
+                    discard_journal(plan.shard_dir(shard_id))
             if pending and parallel is not None:
                 run_shards(plan, [shard_id for shard_id, _ in pending], parallel.get("env", "local"), n_workers())
             elif pending:
                 env = check_env(self.provider, self.provider.build_env_local())
                 for shard_id, held in pending:
-                    run_shard(type(self), plan, shard_id, env, provider_name, resume=self.resume)
+                    run_shard(type(self), plan, shard_id, env, provider_name)
                     release_shard_lock(plan.shard_dir(shard_id), held)
         return merge_plan(self, plan)
 
