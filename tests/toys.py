@@ -1056,3 +1056,20 @@ class SumStateRunner(RecordsRunner):
     @classmethod
     def finalize_state(cls, state, **env):
         return {**state, "n": len(state["texts"])}
+
+
+# ------------------------------------------- SIGTERM on SLURM: a slow shard that resumes (issue 14)
+#: Seconds SlowAppendTextRunner spends on each item.
+ITEM_SLEEP_S = "TOYS_ITEM_SLEEP_S"
+
+
+class SlowAppendTextRunner(AppendTextRunner):
+    """AppendTextRunner that appends each item it computes to ``<poison_dir>/computed`` (one line:
+    the item and ``$SLURM_JOB_ID``), then sleeps ``$TOYS_ITEM_SLEEP_S`` seconds."""
+
+    @staticmethod
+    def forward(idx, dataset, model, poison_dir="", **env):
+        with open(Path(poison_dir, "computed"), "a", encoding="utf-8") as trace:
+            trace.write(f"{idx} {os.environ.get('SLURM_JOB_ID', '')}\n")
+        time.sleep(float(os.environ.get(ITEM_SLEEP_S) or 0))
+        return AppendTextRunner.forward(idx, dataset, model, poison_dir=poison_dir, **env)

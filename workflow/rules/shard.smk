@@ -19,5 +19,7 @@ rule shard:
         slurm_account=shard_resource("slurm_account"),
         slurm_extra=shard_resource("slurm_extra"),
     shell:
-        "{PYTHON} -m espnet3_rules run-shard --manifest {input.manifest:q} --shard {wildcards.i}"
+        # exec: a SIGTERM (scancel, --signal, preemption) reaches the shard, not a shell that dies of it
+        # first; Snakemake then waits for the shard's commit, and the SLURM step ends with the shard.
+        "exec {PYTHON} -m espnet3_rules run-shard --manifest {input.manifest:q} --shard {wildcards.i}"
         " --gpus {resources.gpu} > {log:q} 2>&1"
