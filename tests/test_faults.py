@@ -25,20 +25,7 @@ import faults
 from espnet3_rules.cli import main as espnet3_cli
 from espnet3_rules.engine.merge import MERGE_DONE_NAME, pending_shards
 from espnet3_rules.engine.plan import read_manifest
-from workflow_driver import assert_kept, cli, expected_text, job, job_counts, snapshot
-
-
-def inference_job(name, n_items, n_shards):
-    """An InferenceRunner job writing hyp.scp and n_chars.scp under results/<name>."""
-    return {
-        "runner": "espnet3_rules.InferenceRunner",
-        "provider": "toys.UttProvider",
-        "provider_config": {"n_items": n_items},
-        "runner_kwargs": {"input_key": "text", "output_fn": "toys.hyp_fields"},
-        "output_dir": "results",
-        "shard_subdir": name,
-        "n_shards": n_shards,
-    }
+from workflow_driver import assert_kept, cli, expected_text, inference_job, job, job_counts, snapshot
 
 
 # 9 items in 3 shards: shard 1 holds items 3, 4, 5.

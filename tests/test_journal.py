@@ -22,7 +22,7 @@ from espnet3_rules.cli import main as espnet3_cli
 from espnet3_rules.engine.job import build_runner
 from espnet3_rules.engine.journal import ITEMS_ENV, JOURNAL_NAME, SECONDS_ENV
 from espnet3_rules.engine.plan import read_manifest
-from workflow_driver import cli, job, python_env, snapshot
+from workflow_driver import cli, inference_job, job, python_env, snapshot
 
 N_ITEMS = 8
 EVERY = 2  # items per commit
@@ -32,23 +32,11 @@ def text_job(runner="toys.AppendTextRunner", **extra):
     return job("t", n_items=N_ITEMS, n_shards=1, runner=runner, **extra)
 
 
-def inference_job():
-    return {
-        "runner": "espnet3_rules.InferenceRunner",
-        "provider": "toys.UttProvider",
-        "provider_config": {"n_items": N_ITEMS},
-        "runner_kwargs": {"input_key": "text", "output_fn": "toys.hyp_fields"},
-        "output_dir": "results",
-        "shard_subdir": "t",
-        "n_shards": 1,
-    }
-
-
 JOBS = {
     "append": text_job(),
     "records": text_job("toys.RecordsRunner"),
     "state": text_job("toys.SumStateRunner"),
-    "inference": inference_job(),
+    "inference": inference_job("t", N_ITEMS, 1),
     "no-opt-in": text_job("toys.PoisonTextRunner"),
 }
 SHARD = Path("results/t/split.0")

@@ -35,6 +35,19 @@ def job(name, n_items=10, n_shards=3, **extra):
     return entry
 
 
+def inference_job(name, n_items, n_shards):
+    """An InferenceRunner job writing hyp.scp and n_chars.scp under results/<name>."""
+    return {
+        "runner": "espnet3_rules.InferenceRunner",
+        "provider": "toys.UttProvider",
+        "provider_config": {"n_items": n_items},
+        "runner_kwargs": {"input_key": "text", "output_fn": "toys.hyp_fields"},
+        "output_dir": "results",
+        "shard_subdir": name,
+        "n_shards": n_shards,
+    }
+
+
 def expected_text(n_items, suffix=""):
     """The merged ``text`` of a PoisonTextRunner job over ``n_items`` items."""
     return "".join(f"{i} W{i:04d}{suffix.upper()}\n" for i in range(n_items))

@@ -16,10 +16,10 @@ writers can resume (:func:`writers_resumable`), and from item 0 otherwise.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
-import inspect
 import pickle
 import signal
 import socket
