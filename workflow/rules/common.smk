@@ -1,7 +1,6 @@
 import json
 import os
 import re
-import shlex
 import sys
 
 from espnet3_rules.cli.config import GROWING_RESOURCES, describe_job, exit_on_contract_error, jobs_from_config, shard_resource as resource_of
@@ -14,7 +13,9 @@ from espnet3_rules.cli.snakemake_run import jobs_from_manifests
 # runner(indices) with a parallel config (workflow/planned.smk) passes its planned manifests instead.
 # Every rule runs the interpreter that runs Snakemake (it imports espnet3_rules, above), not
 # whatever `python` PATH finds first: no launcher (pyenv shim, ~60 ms) per shard, no other env.
-PYTHON = shlex.quote(sys.executable)
+# The shell commands read it from the environment they inherit ("$ESPNET3_RULES_PYTHON"): not a
+# param, so that another path to the same installation reruns nothing.
+os.environ["ESPNET3_RULES_PYTHON"] = sys.executable
 
 with exit_on_contract_error():
     if "manifests" in config:

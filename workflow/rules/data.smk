@@ -19,5 +19,5 @@ rule example_data:
     log:
         "{data_dir}.prepare.log",
     shell:
-        "{PYTHON} -m espnet3_rules.examples.tone_asr prepare --out {wildcards.data_dir:q}"
+        "\"$ESPNET3_RULES_PYTHON\" -m espnet3_rules.examples.tone_asr prepare --out {wildcards.data_dir:q}"
         " --n-utts {params.n_utts} --seed {params.seed} > {log:q} 2>&1"

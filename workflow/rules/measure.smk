@@ -17,4 +17,4 @@ rule measure:
     log:
         "{metrics_dir}/logs/measure.log",
     shell:
-        "{PYTHON} -m espnet3_rules measure --spec-json {params.spec:q} > {log:q} 2>&1"
+        "\"$ESPNET3_RULES_PYTHON\" -m espnet3_rules measure --spec-json {params.spec:q} > {log:q} 2>&1"

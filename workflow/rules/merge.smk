@@ -12,4 +12,4 @@ rule merge:
     log:
         "{job}/logs/merge.log",
     shell:
-        "{PYTHON} -m espnet3_rules merge --manifest {input.manifest:q} > {log:q} 2>&1"
+        "\"$ESPNET3_RULES_PYTHON\" -m espnet3_rules merge --manifest {input.manifest:q} > {log:q} 2>&1"

@@ -13,4 +13,4 @@ rule plan:
     log:
         "{job}/logs/plan.log",
     shell:
-        "{PYTHON} -m espnet3_rules plan --job-json {params.job:q} > {log:q} 2>&1"
+        "\"$ESPNET3_RULES_PYTHON\" -m espnet3_rules plan --job-json {params.job:q} > {log:q} 2>&1"

@@ -21,5 +21,5 @@ rule shard:
     shell:
         # exec: a SIGTERM (scancel, --signal, preemption) reaches the shard, not a shell that dies of it
         # first; Snakemake then waits for the shard's commit, and the SLURM step ends with the shard.
-        "exec {PYTHON} -m espnet3_rules run-shard --manifest {input.manifest:q} --shard {wildcards.i}"
+        "exec \"$ESPNET3_RULES_PYTHON\" -m espnet3_rules run-shard --manifest {input.manifest:q} --shard {wildcards.i}"
         " --gpus {resources.gpu} > {log:q} 2>&1"
