@@ -48,8 +48,9 @@ OUT = "out"
 #: (ESPnet3: manifest with items, empty ``done``, a lock holding a pid; ours: fingerprinted plan and ``done``,
 #: a lock holding pid and host).
 CONTENT_FREE = ("manifest.json", "split.*/done", "split.*/lock")
-#: Only ours writes these (shard state, merge marker, a set-aside ``done``): dropped from ours, absent from ESPnet3's.
-OURS_ONLY = ("split.*/_state.pkl", "merge.done", "split.*/done.rejected",
+#: Only ours writes these (shard state, the shards' attempts, merge marker, a set-aside ``done``): dropped from
+#: ours, absent from ESPnet3's.
+OURS_ONLY = ("split.*/_state.pkl", "split.*/attempts.json", "merge.done", "split.*/done.rejected",
              "logs/split.*.log")  # the last one: shards run by Snakemake (a parallel config)
 
 

@@ -9,6 +9,7 @@ import pytest
 
 import toys as fx
 from espnet3_rules import ContractError
+from espnet3_rules.engine.attempts import ATTEMPTS_NAME
 from espnet3_rules.engine.merge import completed_shard_dirs, merge_plan, pending_shards
 from espnet3_rules.engine.plan import read_manifest
 from espnet3_rules.engine.shard import is_shard_done, run_shard
@@ -75,7 +76,7 @@ def test_unpicklable_shard_state_is_a_contract_error_and_no_done(tmp_path):
     with pytest.raises(ContractError, match=r"shard state of .*split\.0 cannot be pickled") as info:
         runner(range(2))
     assert info.value.__notes__ == [f"{tmp_path / 'split.0'} (save_state)"]
-    assert sorted(p.name for p in (tmp_path / "split.0").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "split.0").iterdir()) == [ATTEMPTS_NAME], "no result file is left"
 
 
 # ---------------------------------------------------------------- resume

@@ -35,6 +35,7 @@ import espnet3_rules
 from espnet3_rules import BaseRunner, EnvironmentProvider, InferenceProvider
 from espnet3_rules.components.metrics.base_metric import BaseMetric
 from espnet3_rules.contract import Field
+from espnet3_rules.engine.attempts import ATTEMPTS_NAME
 from espnet3_rules.engine.plan import ShardPlan, make_plan
 from espnet3_rules.engine.shard import load_state
 
@@ -754,9 +755,14 @@ def write_config(path: Path, **job: Any) -> Path:
 
 
 def snapshot(directory: Path) -> Dict[str, bytes]:
-    """Every file under ``directory`` (relative path -> bytes)."""
+    """Every result file under ``directory`` (relative path -> bytes): not Snakemake's own ``.snakemake/``
+    nor the shards' ``attempts.json`` (a record of times and pids)."""
     directory = Path(directory)
-    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != ATTEMPTS_NAME and ".snakemake" not in p.relative_to(directory).parts
+    }
 
 
 def expected_text(indices: Any) -> str:

@@ -15,6 +15,7 @@ from typing import Dict, Iterable, Optional
 import yaml
 
 import faults
+from toys import snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -163,13 +164,6 @@ def job_counts(output: str) -> dict:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
 
 
-def snapshot(root: Path) -> Dict[str, bytes]:
-    """Every file under ``root`` (but Snakemake's own ``.snakemake/``) -> its bytes."""
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and ".snakemake" not in p.relative_to(root).parts
-    }
 
 
 def assert_kept(before: Dict[str, bytes], root: Path) -> None:

@@ -43,6 +43,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run_shard(args: argparse.Namespace) -> int:
     from espnet3_rules.cli.gpu import gpu_slots
+    from espnet3_rules.engine.attempts import describe_usage, read_attempts
     from espnet3_rules.engine.shard import ShardInterrupted, build_worker_env, run_shard
 
     plan = _plan_from_args(args)
@@ -53,20 +54,15 @@ def cmd_run_shard(args: argparse.Namespace) -> int:
         env = build_worker_env(provider)
         env.setdefault("device", device)
         try:
-            run_shard(runner_class(plan.job), plan, args.shard, env, type(provider).__name__, stop_on_sigterm=True)
+            run_shard(runner_class(plan.job), plan, args.shard, env, type(provider).__name__,
+                      stop_on_sigterm=True, log=args.log)
         except ShardInterrupted as exc:  # SIGTERM: committed; exit 128 + signal, no traceback
             print(error_line(args.command, exc), file=sys.stderr)
             return exc.exit_code
-    print(f"{plan.shard_dir(args.shard)}: done ({len(plan.shards[args.shard])} items; {_usage()})")
+    shard_dir = plan.shard_dir(args.shard)
+    attempt = read_attempts(shard_dir, plan.fingerprint)[-1]
+    print(f"{shard_dir}: done ({len(plan.shards[args.shard])} items; {describe_usage(attempt)})")
     return 0
-
-
-def _usage() -> str:
-    """CPU time and peak memory of this process (Snakemake's benchmark sees only a fork-server client)."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return f"{usage.ru_utime + usage.ru_stime:.2f} s CPU, {usage.ru_maxrss / 1024:.0f} MB peak RSS"
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -146,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run-shard":
             p.add_argument("--shard", type=int, required=True, help="shard id N (split.N)")
             p.add_argument("--gpus", type=int, default=0, help="GPUs this shard holds (env key 'device')")
+            p.add_argument("--log", help="the shard's log file (recorded in split.N/attempts.json for status)")
     return parser
 
 

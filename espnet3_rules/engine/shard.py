@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from tqdm import tqdm
 
+from espnet3_rules.engine.attempts import Attempt
 from espnet3_rules.engine.contracts import (
     ContractError,
     ContractRuntimeError,
@@ -324,14 +325,22 @@ def sigterm_stops(enabled: bool) -> Iterator[List[int]]:
 
 
 def shard_chunks(
-    items: Sequence[Any], start: int, progress: Any, journal: Journal, stop: List[int], state: Callable[[], Any]
+    items: Sequence[Any],
+    start: int,
+    progress: Any,
+    journal: Journal,
+    attempt: Attempt,
+    stop: List[int],
+    state: Callable[[], Any],
 ) -> Iterator[Sequence[Any]]:
-    """:func:`progress_chunks` of ``items[start:]``; after each, commit when due, or commit and
-    raise :class:`ShardInterrupted` once a signal was noted in ``stop`` (unless the shard is through)."""
+    """:func:`progress_chunks` of ``items[start:]``; after each, note the attempt's progress and
+    commit when due, or commit and raise :class:`ShardInterrupted` once a signal was noted in
+    ``stop`` (unless the shard is through)."""
     n_done = start
     for chunk in progress_chunks(items[start:], progress, max_size=journal.max_chunk):
         yield chunk
         n_done += len(chunk)
+        attempt.progress(n_done)
         if stop and n_done < len(items):
             journal.commit(n_done, state())
             kept = f"committed {journal.n_committed} of {len(items)} items" if journal.enabled else (
@@ -349,6 +358,7 @@ def run_shard(
     provider_name: Optional[str] = None,
     resume: bool = True,
     stop_on_sigterm: bool = False,
+    log: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Process one shard end to end and return its finalized state.
 
@@ -359,6 +369,8 @@ def run_shard(
     makes it stop after the current slice of items, commit, and raise
     :class:`ShardInterrupted`. An exception on the way gets a note naming the
     shard and the item (or hook) it failed in, which the CLI puts in its one-line error.
+    Each call is an attempt in ``split.N/attempts.json`` (:mod:`espnet3_rules.engine.attempts`),
+    with the shard's ``log`` file where it has one.
     """
     env = shard_env(plan.job, provider_env)
     check_forward_env(runner_cls, env, provider_name)
@@ -371,6 +383,7 @@ def run_shard(
     committed = read_journal(shard_dir, plan.fingerprint, len(items)) if resume and resumable else None
     if committed is None:
         discard_journal(shard_dir)
+    attempt = Attempt(shard_dir, plan.fingerprint, len(items), log)
     progress = tqdm(
         total=len(items),
         desc=f"{plan.job.name} shard {shard_id}",
@@ -388,8 +401,9 @@ def run_shard(
             journal = Journal(shard_dir, plan.fingerprint, getattr(runner_cls, "journal_files", None),
                               records=how == "append", enabled=resumable)
             state, start = resume_state(runner_cls, journal, committed, state)
+            attempt.resumed_at(start)
             progress.update(start)
-            chunks = shard_chunks(items, start, progress, journal, stop, lambda: state)
+            chunks = shard_chunks(items, start, progress, journal, attempt, stop, lambda: state)
             stage = "forward"
             if how == "append":
                 append = state["records"].append
@@ -409,12 +423,15 @@ def run_shard(
         state = runner_cls.finalize_state(state, shard_id=shard_id, **env)
         stage = "save_state"
         save_state(state, shard_dir)
-    except Exception as exc:
-        exc.add_note(f"{shard_dir} item {item!r}" if stage == "forward" else f"{shard_dir} ({stage})")
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            exc.add_note(f"{shard_dir} item {item!r}" if stage == "forward" else f"{shard_dir} ({stage})")
+        attempt.end("interrupted" if isinstance(exc, (ShardInterrupted, KeyboardInterrupt)) else "failed", exc)
         raise
     finally:
         progress.close()
     discard_journal(shard_dir)
+    attempt.end("done")
     write_json_atomic(
         done_path(shard_dir),
         {"fingerprint": plan.fingerprint, "shard_id": shard_id, "n_items": len(items), "pid": os.getpid()},

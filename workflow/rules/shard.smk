@@ -22,4 +22,4 @@ rule shard:
         # exec: a SIGTERM (scancel, --signal, preemption) reaches the shard, not a shell that dies of it
         # first; Snakemake then waits for the shard's commit, and the SLURM step ends with the shard.
         "exec \"$ESPNET3_RULES_PYTHON\" -m espnet3_rules run-shard --manifest {input.manifest:q} --shard {wildcards.i}"
-        " --gpus {resources.gpu} > {log:q} 2>&1"
+        " --gpus {resources.gpu} --log {log:q} > {log:q} 2>&1"
