@@ -67,7 +67,10 @@ def test_plan_run_shard_merge_status(tmp_path):
     assert json.loads(manifest.read_text())["n_shards"] == 3
 
     status = fx.cli("status", "--manifest", manifest, check=False)
-    assert status.returncode == 3 and status.stdout.strip().endswith("0 done, pending: [0, 1, 2]")
+    assert status.returncode == 3 and status.stdout.splitlines() == [
+        f"{tmp_path / 'out'} (j): 3 shards x 3 items (9 items, batch_size=None); 0 done, 0 running, 0 failed, 3 pending",
+        "  pending: split.0 split.1 split.2",
+    ]
     one_line_error(fx.cli("merge", *job, check=False), "merge",
                    engine_error(lambda: completed_shard_dirs(read_manifest(manifest))), exact=True)
 
@@ -75,10 +78,10 @@ def test_plan_run_shard_merge_status(tmp_path):
     shard_line = rf"{re.escape(str(tmp_path / 'out' / 'split.2'))}: done \(3 items; [\d.]+ s CPU, \d+ MB peak RSS\)"
     assert re.fullmatch(shard_line, ran.stdout.strip())
     status = fx.cli("status", *job, check=False)
-    assert status.returncode == 3 and status.stdout.strip().endswith("1 done, pending: [0, 1]")
+    assert status.returncode == 3 and status.stdout.splitlines()[1:] == ["  pending: split.0 split.1"]
     for shard in (0, 1):
         fx.cli("run-shard", *job, "--shard", shard)
-    assert fx.cli("status", *job).stdout.strip().endswith("3 done, pending: none")
+    assert fx.cli("status", *job).stdout.strip().endswith("3 done, 0 running, 0 failed, 0 pending")
 
     assert fx.cli("merge", "--manifest", manifest).stdout.strip() == f"{tmp_path / 'out'}: merged 3 shards"
     assert (tmp_path / "out" / "text").read_text() == fx.expected_text(range(9))

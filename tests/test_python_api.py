@@ -49,7 +49,7 @@ def test_python_api_run_is_what_the_cli_sees(tmp_path):
     assert python_text == fx.expected_text(range(7)).encode()
 
     status = fx.run_main("status", "--manifest", root / "manifest.json")
-    assert "3 done, pending: none" in status.stdout
+    assert "3 done, 0 running, 0 failed, 0 pending" in status.stdout
     (root / "text").unlink()
     fx.run_main("merge", "--manifest", root / "manifest.json")
     assert (root / "text").read_bytes() == python_text

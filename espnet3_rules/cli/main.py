@@ -17,6 +17,9 @@ from espnet3_rules.engine.contracts import ContractError
 from espnet3_rules.engine.job import JobSpec, build_provider, build_runner, check_classes, runner_class
 from espnet3_rules.engine.plan import MANIFEST_NAME, ShardPlan, plan_job, read_manifest, write_manifest
 
+#: The workflow's config, which ``status`` reads when given none.
+DEFAULT_CONFIG = "config/config.yaml"
+
 
 def _job_from_args(args: argparse.Namespace) -> JobSpec:
     if args.job_json:
@@ -102,12 +105,14 @@ def cmd_import_espnet3(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from espnet3_rules.engine.merge import pending_shards
+    from espnet3_rules.cli.config import jobs_from_config, read_config
+    from espnet3_rules.cli.status import report_status, select_jobs
 
-    plan = _plan_from_args(args)
-    pending = pending_shards(plan)
-    print(f"{plan.root}: {plan.summary()}; {plan.n_shards - len(pending)} done, pending: {pending or 'none'}")
-    return 0 if not pending else 3
+    if args.manifest:
+        jobs = [read_manifest(args.manifest).job]
+    else:
+        jobs = select_jobs(jobs_from_config(read_config(args.config or DEFAULT_CONFIG)).values(), args.job)
+    return report_status(jobs, as_json=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plan": (cmd_plan, "validate a job and write its manifest.json"),
         "run-shard": (cmd_run_shard, "run one shard of a planned job"),
         "merge": (cmd_merge, "merge the shards of a planned job"),
-        "status": (cmd_status, "list done and pending shards (exit 3 if any pending)"),
+        "status": (cmd_status, "per job: shards done, running (items done), failed (log), pending; exit 3 unless all done"),
         "measure": (cmd_measure, "score a job's merged test sets into <output_dir>/metrics.json"),
         "import-espnet3": (cmd_import_espnet3, "print the workflow config of an ESPnet3 inference (+ metrics) YAML"),
     }
@@ -131,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "import-espnet3":
             p.add_argument("inference_yaml", help="the recipe's inference config (conf/inference.yaml)")
             p.add_argument("metrics_yaml", nargs="?", help="its metrics config (conf/metrics.yaml): the measure section")
+            continue
+        if name == "status":
+            p.add_argument("--config", help=f"YAML config file (default: {DEFAULT_CONFIG})")
+            p.add_argument("--job", help="only this job (or job/test_set) of the config")
+            p.add_argument("--manifest", help="only the job of this manifest.json")
+            p.add_argument("--json", action="store_true", help="print JSON (for scripts)")
             continue
         p.add_argument("--config", help="YAML config file (with --job)")
         p.add_argument("--job", help="job name in the config")
