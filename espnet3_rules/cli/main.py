@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 import traceback
 from typing import List, Optional
 
@@ -96,6 +97,27 @@ def _headline(result):
     return numbers[0] if numbers else result
 
 
+def cmd_report_job(args: argparse.Namespace) -> int:
+    from espnet3_rules.cli.report import shard_records, write_plan_page, write_shard_plot
+
+    plan = _plan_from_args(args)
+    records = shard_records(plan)
+    write_shard_plot(plan, records, Path(args.plot))
+    write_plan_page(plan, records, Path(args.plan))
+    print(f"wrote {args.plot} and {args.plan}")
+    return 0
+
+
+def cmd_report_scores(args: argparse.Namespace) -> int:
+    import json
+
+    from espnet3_rules.cli.report import write_scores_page
+
+    write_scores_page(json.loads(args.spec_json), Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_import_espnet3(args: argparse.Namespace) -> int:
     from espnet3_rules.cli.import_espnet3 import convert, render
 
@@ -126,12 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
         "status": (cmd_status, "per job: shards done, running (items done), failed (log), pending; exit 3 unless all done"),
         "measure": (cmd_measure, "score a job's merged test sets into <output_dir>/metrics.json"),
         "import-espnet3": (cmd_import_espnet3, "print the workflow config of an ESPnet3 inference (+ metrics) YAML"),
+        "report-job": (cmd_report_job, "a planned job's report items: the shards' plot (SVG) and the plan page (HTML)"),
+        "report-scores": (cmd_report_scores, "a measured job's report item: its metrics.json as a table (HTML)"),
     }
     for name, (func, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(func=func)
-        if name == "measure":
+        if name in ("measure", "report-scores"):
             p.add_argument("--spec-json", required=True, help="the job's measure spec (what the rule passes)")
+            if name == "report-scores":
+                p.add_argument("--out", required=True, help="the HTML file to write")
             continue
         if name == "import-espnet3":
             p.add_argument("inference_yaml", help="the recipe's inference config (conf/inference.yaml)")
@@ -150,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.set_defaults(job_json=None)
             p.add_argument("--manifest", help="manifest.json of the job")
+        if name == "report-job":
+            p.add_argument("--plot", required=True, help="the SVG file to write: the shards' wall time, memory, items")
+            p.add_argument("--plan", required=True, help="the HTML file to write: plan, attempts, versions")
         if name == "run-shard":
             p.add_argument("--shard", type=int, required=True, help="shard id N (split.N)")
             p.add_argument("--gpus", type=int, default=0, help="GPUs this shard holds (env key 'device')")

@@ -72,7 +72,8 @@ def shard_resource(name):
 
 
 def all_targets():
-    """Every job's merge.done, and each split.N/done missing under an existing merge.done.
+    """Every job's merge.done and report items, each split.N/done missing under an existing
+    merge.done, and every measured job's metrics.json and scores table.
 
     Snakemake does not rebuild a deleted intermediate file whose consumer is up to date, so such
     a split.N/done is a target of its own: it reruns that shard, then the merge. Where merge.done
@@ -84,5 +85,5 @@ def all_targets():
         merged = f"{root}/merge.done"
         if os.path.exists(merged):
             targets += [f"{root}/split.{i}/done" for i in range(job.n_shards) if not os.path.exists(f"{root}/split.{i}/done")]
-        targets.append(merged)
-    return targets + [spec["output"] for spec in MEASURES.values()]
+        targets += [merged, f"{root}/report/shards.svg"]
+    return targets + [f"{metrics_dir}/{name}" for metrics_dir in MEASURES for name in ("metrics.json", "report/scores.html")]
