@@ -3,7 +3,7 @@
 Every run of a shard is an attempt: failed then done, a done shard rerun (a new story), a changed plan
 (the old file is ignored), a SIGKILLed shard (``killed``, with its last progress) and its resumed rerun,
 a shard held at an item (``running``). Shards run in this process (``toys.run_main``) or as ``run-shard``
-processes (fresh ones, so the recorded pid is the process's).
+processes (fresh ones, so the recorded pid is the process's); one test runs Snakemake.
 """
 
 import json
@@ -191,3 +191,17 @@ def test_killed_shard_is_failed_killed_with_its_last_progress_and_its_rerun_resu
     assert committed > 0
     assert fx.run_main("status", "--config", "config.yaml").returncode == 0
 
+
+def test_status_after_snakemake_names_the_failed_shard_and_its_log(wf):
+    wf.write_config({"t": job("t", n_items=4, n_shards=2)})
+    wf.poison(3)  # shard 1 holds items 2 and 3
+    assert wf.snakemake("--cores", "2", "--keep-going", check=False)[0] != 0
+
+    shown = cli("status", "--config", "config.yaml", cwd=wf.path)
+    log = "results/t/logs/split.1.log"
+    assert shown.returncode == 3 and shown.stdout.splitlines() == [
+        "results/t (t): 2 shards x 2 items (4 items, batch_size=None); 1 done, 0 running, 1 failed, 0 pending",
+        f"  failed  split.1: failed: RuntimeError: poisoned item 3 (attempt 1, 1/2 items); log: {log}",
+    ]
+    assert (wf.path / log).read_text().splitlines()[-1] == (
+        "espnet3_rules run-shard: error: results/t/split.1 item 3: RuntimeError: poisoned item 3")
