@@ -39,6 +39,7 @@ TIERS = {
     "test_faults::test_torn_done_under_snakemake_fails_the_merge_then_a_plain_rerun_heals": {"e2e"},
     "test_faults::test_second_snakemake_on_the_same_directory_is_refused": {"e2e"},
     "test_faults::test_killed_snakemake_keeps_finished_shards": {"e2e"},
+    "test_status::test_status_after_snakemake_*": {"e2e"},
     "test_espnet3_reference::test_words_runner_under_snakemake_matches_espnet3_in_process": {"e2e"},
     "test_espnet3_reference::test_espnet3_inference_runner_under_snakemake_matches_espnet3": {"e2e"},
     "test_espnet3_reference::test_switched_inference_provider_with_our_inference_runner_matches_espnet3": {"e2e"},
