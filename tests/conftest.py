@@ -51,6 +51,7 @@ TIERS = {
     "test_parallel_exec::test_a_failed_shard_*": {"e2e"},
     "test_parallel_exec::test_ctrl_c_*": {"e2e"},
     "test_parallel_exec::test_slurm_env_*": {"e2e", "slurm"},
+    "test_report::test_report_of_the_default_job_*": {"e2e"},  # the default job, then the report in Chromium
 }
 
 # Fixtures that run Snakemake: a test using one and not marked e2e is reported (see below).

@@ -287,7 +287,7 @@ def test_end_to_end_kills_then_a_plain_rerun_is_byte_identical(wf, tmp_path_fact
     assert not list(wf.path.rglob(MERGE_DONE_NAME))
 
     _, out = wf.snakemake("--cores", "2")
-    assert job_counts(out) == {"plan": 1, "shard": 6, "merge": 5, "all": 1}, "finished shards are not redone"
+    assert job_counts(out) == {"plan": 1, "shard": 6, "merge": 5, "job_report": 5, "all": 1}, "finished shards are not redone"
     assert {name: merged_outputs(wf.path, entry) for name, entry in E2E_JOBS.items()} == reference
 
 
@@ -305,7 +305,7 @@ def test_torn_done_under_snakemake_fails_the_merge_then_a_plain_rerun_heals(wf):
     assert (wf.path / "results/a/split.1/done.rejected").read_bytes() == torn
 
     _, out = wf.snakemake("--cores", "2")
-    assert job_counts(out) == {"shard": 1, "merge": 1, "all": 1}
+    assert job_counts(out) == {"shard": 1, "merge": 1, "job_report": 1, "all": 1}
     assert (wf.path / "results/a/text").read_text() == expected_text(4)
 
 
@@ -358,7 +358,7 @@ def test_killed_snakemake_keeps_finished_shards(wf):
     wf.snakemake("--unlock")  # the lock of the killed run stays behind (Snakemake cannot tell it is stale)
     _, out = wf.snakemake("--cores", "2")
 
-    assert job_counts(out) == {"shard": 1, "merge": 1, "all": 1}
+    assert job_counts(out) == {"shard": 1, "merge": 1, "job_report": 1, "all": 1}
     assert (wf.path / "results/a/text").read_text() == expected_text(6)
     assert_kept({k: v for k, v in finished.items() if "split.1" not in k}, wf.path)  # split.1: dir, log
 

@@ -14,7 +14,7 @@ from workflow_driver import REPO, expected_text, job, job_counts, snapshot
 def test_dry_run_lists_every_shard_and_plan_summary(wf):
     wf.write_config({"a": job("a", n_items=10, n_shards=4), "b": job("b", n_items=6, n_shards=2)})
     _, out = wf.snakemake("-n")
-    assert job_counts(out) == {"plan": 2, "shard": 6, "merge": 2, "all": 1}
+    assert job_counts(out) == {"plan": 2, "shard": 6, "merge": 2, "job_report": 2, "all": 1}
     assert "job a (results/a): 4 shards x 2-3 items (10 items, batch_size=None)" in out
     assert "job b (results/b): 2 shards x 3 items (6 items, batch_size=None)" in out
     assert not (wf.path / "results").exists(), "a dry-run must not write anything"
@@ -44,7 +44,7 @@ def test_failed_shard_keep_going_then_rerun_only_it(wf):
 
     wf.cure(7)
     _, out = wf.snakemake("--cores", "2")
-    assert job_counts(out) == {"shard": 1, "merge": 1, "all": 1}
+    assert job_counts(out) == {"shard": 1, "merge": 1, "job_report": 1, "all": 1}
     assert (root / "text").read_text() == expected_text(12)
 
 
@@ -53,7 +53,7 @@ def test_deleted_done_reruns_that_shard_and_merge(wf):
     wf.snakemake("--cores", "2")
     (wf.path / "results/a/split.1/done").unlink()
     _, out = wf.snakemake("--cores", "2")
-    assert job_counts(out) == {"shard": 1, "merge": 1, "all": 1}
+    assert job_counts(out) == {"shard": 1, "merge": 1, "job_report": 1, "all": 1}
 
 
 def done_mtimes(root, n_shards):
@@ -86,7 +86,7 @@ def test_runner_option_reaches_every_shard_and_the_merge_and_a_change_reruns_onl
     jobs["a"]["runner_kwargs"] = {"suffix": "y"}
     wf.write_config(jobs)
     _, out = wf.snakemake("--cores", "2")
-    assert job_counts(out) == {"plan": 1, "shard": 3, "merge": 1, "all": 1}
+    assert job_counts(out) == {"plan": 1, "shard": 3, "merge": 1, "job_report": 1, "all": 1}
     check_suffix("y")
     assert done_mtimes(b, 2) == b_before, "job b must not rerun"
     a_before = done_mtimes(a, 3)
@@ -94,7 +94,7 @@ def test_runner_option_reaches_every_shard_and_the_merge_and_a_change_reruns_onl
     jobs["b"]["provider_config"]["suffix"] = "x"
     wf.write_config(jobs)
     _, out = wf.snakemake("--cores", "2")
-    assert job_counts(out) == {"plan": 1, "shard": 2, "merge": 1, "all": 1}
+    assert job_counts(out) == {"plan": 1, "shard": 2, "merge": 1, "job_report": 1, "all": 1}
     assert (b / "text").read_text() == expected_text(4, "x")
     assert done_mtimes(a, 3) == a_before, "job a must not rerun"
     check_suffix("y")
@@ -117,7 +117,7 @@ def test_n_shards_change_replans(wf):
     jobs["a"]["n_shards"] = 2
     wf.write_config(jobs)
     _, out = wf.snakemake("--cores", "2")
-    assert job_counts(out) == {"plan": 1, "shard": 2, "merge": 1, "all": 1}
+    assert job_counts(out) == {"plan": 1, "shard": 2, "merge": 1, "job_report": 1, "all": 1}
     assert (wf.path / "results/a/text").read_text() == expected_text(6)
 
 
@@ -146,7 +146,7 @@ def test_dry_run_builds_no_provider_env_or_model(wf, snakemake_server, monkeypat
 
     assert "espnet3-rules plan: job m (results/m): 2 shards; items counted when plan runs" in out
     assert "espnet3-rules plan: job n (results/n): 2 shards x 2-3 items (5 items, batch_size=None)" in out
-    assert job_counts(out) == {"plan": 2, "shard": 4, "merge": 2, "all": 1}
+    assert job_counts(out) == {"plan": 2, "shard": 4, "merge": 2, "job_report": 2, "all": 1}
     assert snapshot(wf.path) == before, "no marker, nothing written"
 
     monkeypatch.chdir(wf.path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 import traceback
 from typing import List, Optional
@@ -47,9 +48,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run_shard(args: argparse.Namespace) -> int:
     from espnet3_rules.cli.gpu import gpu_slots
-    from espnet3_rules.engine.attempts import describe_usage, read_attempts
+    from espnet3_rules.engine.attempts import describe_usage, resource_usage
     from espnet3_rules.engine.shard import ShardInterrupted, build_worker_env, run_shard
 
+    started = time.time()
     plan = _plan_from_args(args)
     plan.shard_dir(args.shard)  # refuses an id outside the plan before building anything
     check_classes(plan.job)
@@ -59,13 +61,11 @@ def cmd_run_shard(args: argparse.Namespace) -> int:
         env.setdefault("device", device)
         try:
             run_shard(runner_class(plan.job), plan, args.shard, env, type(provider).__name__,
-                      stop_on_sigterm=True, log=args.log)
+                      stop_on_sigterm=True, log=args.log, started=started)
         except ShardInterrupted as exc:  # SIGTERM: committed; exit 128 + signal, no traceback
             print(error_line(args.command, exc), file=sys.stderr)
             return exc.exit_code
-    shard_dir = plan.shard_dir(args.shard)
-    attempt = read_attempts(shard_dir, plan.fingerprint)[-1]
-    print(f"{shard_dir}: done ({len(plan.shards[args.shard])} items; {describe_usage(attempt)})")
+    print(f"{plan.shard_dir(args.shard)}: done ({len(plan.shards[args.shard])} items; {describe_usage(resource_usage())})")
     return 0
 
 

@@ -91,7 +91,7 @@ def throughput_line(records: Sequence[ShardRecord]) -> str:
     median = statistics.median(r.wall_s for r in finished)
     rate = f"{items / span:.1f} items/s" if span > 0 else "items/s: n/a"
     ratio = f" ({slowest.wall_s / median:.1f}x the median)" if median > 0 else ""
-    return f"{items} items in {span:.1f} s: {rate}; slowest split.{slowest.shard} {slowest.wall_s:.1f} s{ratio}"
+    return f"{items} items in {span:.3g} s: {rate}; slowest split.{slowest.shard} {slowest.wall_s:.3g} s{ratio}"
 
 
 def write_shard_plot(plan: ShardPlan, records: Sequence[ShardRecord], path: Path) -> None:
@@ -166,14 +166,15 @@ def write_plan_page(plan: ShardPlan, records: Sequence[ShardRecord], path: Path)
                          f"{attempt.get('cpu_s', 0):.2f}", f"{attempt.get('peak_rss_mb', 0):.0f}",
                          attempt["host"], attempt["slurm_job_id"] or "", attempt["error"] or ""])
     job = {key: value for key, value in plan.job.to_dict().items() if value not in (None, "", {}, [])}
+    unit = "batch" if plan.job.batch_size else "item"
     body = (
         f"<p>{html.escape(plan.summary())}<br>fingerprint <code>{plan.fingerprint}</code><br>"
         f"{html.escape(throughput_line(records))}</p>"
         "<h2>Shards</h2>"
-        + table(["shard", "attempt", "outcome", "items", "resumed at", "wall (s)", "CPU (s)", "peak RSS (MB)",
+        + table(["shard", "attempt", "outcome", "items", f"resumed at ({unit})", "wall (s)", "CPU (s)", "peak RSS (MB)",
                  "host", "SLURM job", "error"], rows, left=1)
         + "<h2>Job</h2><pre>" + html.escape(yaml.safe_dump(job, sort_keys=False)) + "</pre>"
-        + "<h2>Versions</h2>" + table(["package", "version"], list(versions().items()))
+        + "<h2>Versions</h2>" + table(["package", "version"], list(versions().items()), left=2)
     )
     write_page(path, f"{job_label(plan)}: plan and shards", body)
 
@@ -199,14 +200,20 @@ def score_cell(value: Any, counts: Optional[Dict[str, int]]) -> str:
     return f"{value} ({counts['substitutions']}S {counts['deletions']}D {counts['insertions']}I / {n})"
 
 
+def source_of(source: str) -> str:
+    """Where a metric input is read from: ``<test set>/<stem>.scp``, or the test set's dataset column."""
+    column = source.partition("dataset:")[2] if source.startswith("dataset:") else None
+    return f"the test set's dataset column {column!r}" if column else f"<test set>/{source}.scp"
+
+
 def scored_against(measure: Mapping[str, Any]) -> List[str]:
-    """One line per configured metric: what it read (``name <- source``)."""
+    """One line per configured metric: what each of its inputs was read from."""
     lines = []
     for entry in measure.get("metrics", []):
         metric = entry.get("metric")
         name = metric.get("_target_") if isinstance(metric, Mapping) else metric
-        inputs = ", ".join(f"{key} <- {source}" for key, source in (entry.get("inputs") or {}).items())
-        lines.append(f"{name}: {inputs or 'its default inputs'}")
+        inputs = "; ".join(f"{key} from {source_of(source)}" for key, source in (entry.get("inputs") or {}).items())
+        lines.append(f"{name}: {inputs or 'its declared inputs'}")
     return lines
 
 

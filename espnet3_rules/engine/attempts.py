@@ -14,6 +14,7 @@ or a rerun of a finished shard starts a new story. ``status`` and the report rea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import socket
@@ -26,6 +27,8 @@ from espnet3_rules.engine.files import atomic_path
 ATTEMPTS_NAME = "attempts.json"
 #: A running attempt rewrites its progress at most this often.
 PROGRESS_SECONDS = 2.0
+
+logger = logging.getLogger(__name__)
 
 
 def read_attempts(shard_dir: Path, fingerprint: str) -> List[Dict[str, Any]]:
@@ -45,9 +48,9 @@ def resource_usage() -> Dict[str, float]:
     return {"cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def describe_usage(attempt: Dict[str, Any]) -> str:
-    """``"1.20 s CPU, 216 MB peak RSS"`` of an attempt."""
-    return f"{attempt['cpu_s']:.2f} s CPU, {attempt['peak_rss_mb']:.0f} MB peak RSS"
+def describe_usage(usage: Dict[str, Any]) -> str:
+    """``"1.20 s CPU, 216 MB peak RSS"`` of a :func:`resource_usage` (or an attempt's record)."""
+    return f"{usage['cpu_s']:.2f} s CPU, {usage['peak_rss_mb']:.0f} MB peak RSS"
 
 
 class Attempt:
@@ -58,10 +61,13 @@ class Attempt:
         fingerprint: The plan's fingerprint.
         n_items: Items (batches with ``batch_size``) in the shard.
         log: The shard's log file, where it has one (the shard rule's ``log:``).
+        started: When the attempt began (default: now); the CLI passes its start, before the provider was built.
     """
 
-    def __init__(self, shard_dir: Path, fingerprint: str, n_items: int, log: Optional[str] = None) -> None:
-        self.path = Path(shard_dir) / ATTEMPTS_NAME
+    def __init__(
+        self, shard_dir: Path, fingerprint: str, n_items: int, log: Optional[str] = None, started: Optional[float] = None
+    ) -> None:
+        self.path: Optional[Path] = Path(shard_dir) / ATTEMPTS_NAME
         self.fingerprint = fingerprint
         earlier = read_attempts(shard_dir, fingerprint)
         if earlier and earlier[-1].get("outcome") == "done":
@@ -69,7 +75,7 @@ class Attempt:
         self.earlier = earlier
         self.cpu_at_start = resource_usage()["cpu_s"]
         self.record: Dict[str, Any] = {
-            "started": time.time(),
+            "started": time.time() if started is None else started,
             "updated": time.time(),
             "ended": None,
             "outcome": None,
@@ -113,9 +119,19 @@ class Attempt:
         return self.record
 
     def write(self) -> None:
-        """Replace ``attempts.json`` (atomically; not fsynced: it is a record, not a result)."""
+        """Replace ``attempts.json`` (atomically; not fsynced: it is a record, not a result).
+
+        A record that cannot be written (disk full, read-only) is warned about once and
+        given up: the shard goes on, and fails, if it does, where its results are written.
+        """
+        if self.path is None:
+            return
         self.record["updated"] = time.time()
         data = {"fingerprint": self.fingerprint, "attempts": [*self.earlier, self.record]}
-        with atomic_path(self.path) as tmp:
-            tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        try:
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        except OSError as exc:
+            logger.warning("%s: cannot record the shard's attempt (%s); status and the report will lack it", self.path, exc)
+            self.path = None
         self.written_at = time.monotonic()

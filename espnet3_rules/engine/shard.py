@@ -359,6 +359,7 @@ def run_shard(
     resume: bool = True,
     stop_on_sigterm: bool = False,
     log: Optional[str] = None,
+    started: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Process one shard end to end and return its finalized state.
 
@@ -370,7 +371,7 @@ def run_shard(
     :class:`ShardInterrupted`. An exception on the way gets a note naming the
     shard and the item (or hook) it failed in, which the CLI puts in its one-line error.
     Each call is an attempt in ``split.N/attempts.json`` (:mod:`espnet3_rules.engine.attempts`),
-    with the shard's ``log`` file where it has one.
+    with the shard's ``log`` file where it has one, begun at ``started`` (default: now).
     """
     env = shard_env(plan.job, provider_env)
     check_forward_env(runner_cls, env, provider_name)
@@ -383,7 +384,7 @@ def run_shard(
     committed = read_journal(shard_dir, plan.fingerprint, len(items)) if resume and resumable else None
     if committed is None:
         discard_journal(shard_dir)
-    attempt = Attempt(shard_dir, plan.fingerprint, len(items), log)
+    attempt = Attempt(shard_dir, plan.fingerprint, len(items), log, started)
     progress = tqdm(
         total=len(items),
         desc=f"{plan.job.name} shard {shard_id}",

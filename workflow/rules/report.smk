@@ -18,11 +18,6 @@ def report_subcategory(wildcards):
     return job_of(wildcards).test_set or "shards"
 
 
-def report_labels(figure):
-    """The labels of a job's report item ``figure``: its job, its test set, what it is."""
-    return lambda wildcards: {"job": report_category(wildcards), "test set": report_subcategory(wildcards), "figure": figure}
-
-
 rule job_report:
     """A job's shards (wall time, peak RSS, items, retries) and its plan, config and versions."""
     input:
@@ -34,14 +29,12 @@ rule job_report:
             caption="../report/shards.rst",
             category=report_category,
             subcategory=report_subcategory,
-            labels=report_labels("shards"),
         ),
         plan=report(
             "{job}/report/plan.html",
             caption="../report/plan.rst",
             category=report_category,
             subcategory=report_subcategory,
-            labels=report_labels("plan"),
         ),
     log:
         "{job}/logs/report.log",
@@ -60,7 +53,6 @@ rule scores_report:
             caption="../report/scores.rst",
             category=lambda w: measure_of(w)["job"],
             subcategory="scores",
-            labels=lambda w: {"job": measure_of(w)["job"], "test set": "all", "figure": "scores"},
         ),
     params:
         spec=lambda w: json.dumps(measure_of(w), sort_keys=True),
