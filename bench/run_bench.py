@@ -11,7 +11,7 @@ Parts (each prints one or more table rows with a ratio and its target):
   with 2 workers: the same user classes (``bench/espnet3_user.py``), only their import lines differ.
 - ``rerun``    Snakemake rerun after one of the shards failed vs the full run.
 - ``plan``     ``snakemake -n`` for 1,000 and 10,000 shards vs ``bench/bare.smk`` (bare Snakemake, the same
-  DAG shape: plan -> N shards -> merge of ``touch`` rules, no package code).
+  DAG shape: plan -> N shards -> merge -> report item of ``touch`` rules, no package code).
 - ``local``    ``snakemake --cores 2`` of 100 one-item shards vs the bare Snakefile's 100 ``touch`` jobs.
 - ``scale``    plan, manifest.json, shards and merge in-process at 10,000 x 1,000 and 100,000 x 10,000
   (items x shards): each step's time against linear growth from the smaller size.

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
+import toys as fx
 from espnet3_rules.cli import forkclient, forkserver
+from espnet3_rules.engine.attempts import ATTEMPTS_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -375,7 +377,25 @@ def test_a_killed_server_takes_its_children_down_and_the_client_fails(env, serve
     (["python", "-X", "importtime", "-O", "-m", "espnet3_rules"], ["-X", "importtime", "-O"]),
     (["python", "-c", "code", "-m", "x"], []),
     (["python", "-Wignore", "script.py", "-m"], ["-Wignore"]),
+    (["python", "-S", "-P", "-X", "dev", "forkclient.py", "run-shard"], ["-X", "dev"]),  # the shard rule's script form
 ])
 def test_the_server_starts_with_the_clients_interpreter_options(monkeypatch, orig_argv, options):
     monkeypatch.setattr(sys, "orig_argv", orig_argv)
     assert forkclient.interpreter_options() == options
+
+
+def test_the_script_form_execs_a_plain_start_where_no_server_takes_the_command(tmp_path):
+    """``python -S -P forkclient.py run-shard ...`` (the shard rule) without a server: the same process
+    becomes ``python -m espnet3_rules`` (its pid is the shard's: a SIGTERM to it reaches the shard)."""
+    config = fx.write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"), runner="toys.MyTextRunner",
+                             provider="toys.SampleProvider", provider_config={"n": 2})
+    fx.run_main("plan", "--config", config, "--job", "j")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fx.REPO), str(TESTS)]), **{forkclient.SWITCH_ENV: "0"})
+    proc = subprocess.Popen([sys.executable, "-S", "-P", forkclient.__file__, "run-shard", "--manifest",
+                             str(tmp_path / "out" / "manifest.json"), "--shard", "0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert stdout.startswith(f"{tmp_path / 'out' / 'split.0'}: done (2 items;")
+    [attempt] = json.loads((tmp_path / "out" / "split.0" / ATTEMPTS_NAME).read_text())["attempts"]
+    assert attempt["pid"] == proc.pid, "exec kept the client's process"

@@ -4,6 +4,10 @@ It hands the warm server (:mod:`espnet3_rules.cli.forkserver`, which says how it
 argv, working directory, environment, umask, resource limits and stdin/stdout/stderr, and exits
 with the status of the child that ran the command. Every process of a shard imports this module
 first, so it imports little: no ``espnet3_rules`` package code, nothing the server alone needs.
+
+The shard rule runs this file as a script under ``python -S -P`` (no ``site``: its ``.pth`` files
+cost a Python start more than the rest of the client); where no server can take the command, the
+script becomes (``exec``) ``python -m espnet3_rules`` with the command, as a plain start would be.
 """
 
 from __future__ import annotations
@@ -41,13 +45,20 @@ def enabled(environ: Dict[str, str] = os.environ) -> bool:
     )
 
 
+#: The options the script form of the client adds (see the module docstring): not the command's.
+SCRIPT_OPTIONS = ("-S", "-P")
+
+
 def interpreter_options() -> List[str]:
-    """This interpreter's own command-line options (``-X ...``, ``-O``), to start the server alike."""
+    """This interpreter's own command-line options (``-X ...``, ``-O``), to start the server alike
+    (without :data:`SCRIPT_OPTIONS`: a plain ``python -m espnet3_rules`` and the script share a server)."""
     options: List[str] = []
     args = iter(getattr(sys, "orig_argv", [sys.executable])[1:])
     for arg in args:
         if arg in ("-m", "-c", "-") or not arg.startswith("-"):
             break  # what to run starts here
+        if arg in SCRIPT_OPTIONS:
+            continue
         options.append(arg)
         if arg in ("-X", "-W", "--check-hash-based-pycs"):
             options.append(next(args, ""))
@@ -229,3 +240,17 @@ def _read_exact(conn: socket.socket, size: int) -> Optional[bytes]:
             return None
         data += chunk
     return data
+
+
+def main(argv: Sequence[str]) -> int:
+    """The script form: ``argv`` in a child of the warm server, else ``exec`` of ``python -m espnet3_rules``."""
+    status = run_in_warm_process(argv)
+    if status is not None:
+        return status
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *interpreter_options(), "-m", "espnet3_rules", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -96,13 +96,11 @@ def throughput_line(records: Sequence[ShardRecord]) -> str:
 
 def write_shard_plot(plan: ShardPlan, records: Sequence[ShardRecord], path: Path) -> None:
     """The shards' wall time, peak RSS and items against shard id, as SVG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global figure state
 
     ids = [r.shard for r in records]
-    fig, (wall, memory, items) = plt.subplots(3, 1, sharex=True, figsize=(8, 6.5), constrained_layout=True)
+    fig = Figure(figsize=(8, 6.5), layout="constrained")
+    wall, memory, items = fig.subplots(3, 1, sharex=True)
     fig.suptitle(f"{job_label(plan)}: {plan.n_shards} shards\n{throughput_line(records)}", fontsize=10)
     wall.bar(ids, [r.wall_s or 0 for r in records], color="tab:blue", label="final attempt")
     retried = [(r.shard, a) for r in records for a in r.earlier]
@@ -119,7 +117,6 @@ def write_shard_plot(plan: ShardPlan, records: Sequence[ShardRecord], path: Path
     items.set_xticks(ids if len(ids) <= 40 else items.get_xticks())
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="svg")
-    plt.close(fig)
 
 
 def versions() -> Dict[str, str]:

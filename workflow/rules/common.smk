@@ -3,6 +3,7 @@ import os
 import re
 import sys
 
+from espnet3_rules.cli import forkclient
 from espnet3_rules.cli.config import GROWING_RESOURCES, describe_job, exit_on_contract_error, jobs_from_config, shard_resource as resource_of
 from espnet3_rules.cli.measure import measure_specs
 from espnet3_rules.cli.snakemake_run import jobs_from_manifests
@@ -14,8 +15,10 @@ from espnet3_rules.cli.snakemake_run import jobs_from_manifests
 # Every rule runs the interpreter that runs Snakemake (it imports espnet3_rules, above), not
 # whatever `python` PATH finds first: no launcher (pyenv shim, ~60 ms) per shard, no other env.
 # The shell commands read it from the environment they inherit ("$ESPNET3_RULES_PYTHON"): not a
-# param, so that another path to the same installation reruns nothing.
+# param, so that another path to the same installation reruns nothing. The shard rule runs the
+# fork server's client as a script without site ("$ESPNET3_RULES_SHARD_CLIENT", see forkclient).
 os.environ["ESPNET3_RULES_PYTHON"] = sys.executable
+os.environ["ESPNET3_RULES_SHARD_CLIENT"] = forkclient.__file__
 
 with exit_on_contract_error():
     if "manifests" in config:

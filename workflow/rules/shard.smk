@@ -21,5 +21,6 @@ rule shard:
     shell:
         # exec: a SIGTERM (scancel, --signal, preemption) reaches the shard, not a shell that dies of it
         # first; Snakemake then waits for the shard's commit, and the SLURM step ends with the shard.
-        "exec \"$ESPNET3_RULES_PYTHON\" -m espnet3_rules run-shard --manifest {input.manifest:q} --shard {wildcards.i}"
+        # The client hands the shard to a warm fork server, or execs `python -m espnet3_rules`.
+        "exec \"$ESPNET3_RULES_PYTHON\" -S -P \"$ESPNET3_RULES_SHARD_CLIENT\" run-shard --manifest {input.manifest:q} --shard {wildcards.i}"
         " --gpus {resources.gpu} --log {log:q} > {log:q} 2>&1"
