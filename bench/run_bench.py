@@ -616,7 +616,7 @@ def bench_plan(ws: Workspace) -> List[Row]:
     items = ws.sizes.plan_items
     return [
         against_bare(ws, "dry-run planning", n, echo_job(items, n), ["-n"], f"snakemake -n, {n:,} shards", 1.3,
-                     f"{items:,} items in {n:,} shards; the bare plan -> shards -> merge of `touch` rules")
+                     f"{items:,} items in {n:,} shards; the bare plan -> shards -> merge -> report of `touch` rules")
         for n in ws.sizes.plan_shards
     ]  # fmt: skip
 
@@ -626,7 +626,7 @@ def bench_local(ws: Workspace) -> List[Row]:
     n, cores = ws.sizes.local_shards, str(ws.sizes.workers)
     return [
         against_bare(ws, "local run", n, echo_job(n, n), ["--cores", cores], f"snakemake --cores {cores}, {n} trivial shards",
-                     2.0, f"{n} one-item shards (plan, shards, merge), fork servers stopped before each run")
+                     2.0, f"{n} one-item shards (plan, shards, merge, report items), fork servers stopped before each run")
     ]  # fmt: skip
 
 

@@ -33,6 +33,8 @@ from espnet3_rules.engine.plan import ShardPlan
 VERSIONED = ("espnet3-rules", "snakemake", "snakemake-executor-plugin-slurm", "torch", "numpy", "jiwer", "espnet")
 #: The summary line ESPnet3's WER/CER ``write_artifacts`` ends ``<test>/<name>_alignment`` with.
 ALIGNMENT_SUMMARY = re.compile(r"^(\w+): [\d.]+ \(hits=(\d+), substitutions=(\d+), deletions=(\d+), insertions=(\d+)\)$", re.M)
+#: Above this many shards the plot's bars are a bitmap inside the SVG (10,000 vector bars are megabytes).
+MANY_SHARDS = 500
 PAGE_STYLE = (
     "body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}"
     "th,td{border:1px solid #bbb;padding:.25em .6em;text-align:right}th{background:#eee}"
@@ -99,22 +101,24 @@ def write_shard_plot(plan: ShardPlan, records: Sequence[ShardRecord], path: Path
     from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global figure state
 
     ids = [r.shard for r in records]
+    many = len(ids) > MANY_SHARDS
     fig = Figure(figsize=(8, 6.5), layout="constrained")
     wall, memory, items = fig.subplots(3, 1, sharex=True)
     fig.suptitle(f"{job_label(plan)}: {plan.n_shards} shards\n{throughput_line(records)}", fontsize=10)
-    wall.bar(ids, [r.wall_s or 0 for r in records], color="tab:blue", label="final attempt")
+    wall.bar(ids, [r.wall_s or 0 for r in records], color="tab:blue", label="final attempt", rasterized=many)
     retried = [(r.shard, a) for r in records for a in r.earlier]
     if retried:
-        wall.scatter([shard for shard, _ in retried], [(a["updated"] - a["started"]) for _, a in retried],
+        wall.scatter([shard for shard, _ in retried], [(a["ended"] or a["updated"]) - a["started"] for _, a in retried],
                      marker="x", color="tab:red", zorder=3, label="earlier attempt (failed, interrupted, killed)")
     wall.set_ylabel("wall time (s)")
     wall.legend(fontsize=8, loc="upper right")
-    memory.bar(ids, [r.final["peak_rss_mb"] if r.final else 0 for r in records], color="tab:green")
+    memory.bar(ids, [r.final["peak_rss_mb"] if r.final else 0 for r in records], color="tab:green", rasterized=many)
     memory.set_ylabel("peak RSS (MB)")
-    items.bar(ids, [r.items for r in records], color="tab:gray")
+    items.bar(ids, [r.items for r in records], color="tab:gray", rasterized=many)
     items.set_ylabel("items")
     items.set_xlabel("shard id (split.N)")
-    items.set_xticks(ids if len(ids) <= 40 else items.get_xticks())
+    if len(ids) <= 40:
+        items.set_xticks(ids)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="svg")
 
