@@ -1,7 +1,8 @@
-"""Command line the Snakemake rules call: ``python -m espnet3_rules plan|run-shard|merge|status``;
-and ``import-espnet3`` (an ESPnet3 recipe's inference/metrics YAML as a workflow config).
+"""Command line the Snakemake rules call: ``python -m espnet3_rules plan|run-shard|merge|measure``
+and ``report-job|report-scores`` (the report's items); ``status`` (where every job stands) and
+``import-espnet3`` (an ESPnet3 recipe's inference/metrics YAML as a workflow config) by hand.
 
-Each command works on one job, named by ``--manifest`` (what the rules pass; the
+The other commands work on one job, named by ``--manifest`` (what the rules pass; the
 manifest embeds the job description), by ``--job-json`` (``plan``), or by
 ``--config FILE --job NAME`` (for use by hand; ``NAME/TEST_SET`` for a test set).
 """
