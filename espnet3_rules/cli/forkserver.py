@@ -23,7 +23,7 @@ client dies of). A SIGTERM to the client is passed on to the child.
   fresh import would seed them: each child draws its own numbers; Python's
   ``random`` reseeds itself after a fork), and exits with ``os._exit`` after its
   own handlers ran.
-- A client that dies (Snakemake cancelling a job) takes its child with it, and
+- A client that dies (killed) takes its child with it (SIGKILL), and
   a child dies with the server (``PR_SET_PDEATHSIG``).
 - A server whose loaded source files changed, that has started threads or has
   CUDA initialised declines, and so does one whose resource limits are below
@@ -266,7 +266,11 @@ class ForkServer:
             self.selector.unregister(child.report_fd)
 
     def _client_gone(self, pid: int) -> None:
-        """The client closed its end (it was killed): end its child's whole process group."""
+        """The client closed its end (it was killed): SIGKILL its child's whole process group.
+
+        Not SIGTERM: a shard takes that as "stop after this item", which may take long, and
+        nobody waits for its result any more (a shard's last journal commit stands).
+        """
         child = self.children[pid]
         try:
             ended = not child.conn.recv(1 << 10)
@@ -278,10 +282,10 @@ class ForkServer:
         if not ended:
             return  # a client sends nothing after its request: ignore it, keep the child
         try:
-            os.killpg(pid, signal.SIGTERM)
+            os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:  # the child has not made its process group yet
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 

@@ -205,27 +205,39 @@ class ShardProgress(logging.Handler):
         super().close()
 
 
-def terminate_local_jobs() -> None:
-    """SIGTERM every running local job's process tree (its shell, the shard process).
+#: Seconds a Ctrl-C'd runner(indices) gives its local shards to stop at the end of their item.
+TERMINATE_GRACE_S = 5.0
+
+
+def terminate_local_jobs(grace_s: float = TERMINATE_GRACE_S) -> None:
+    """SIGTERM every running local job's process tree (its shell, the shard process), then SIGKILL
+    what is left after ``grace_s``.
 
     On ``KeyboardInterrupt`` Snakemake's local executor waits for its running jobs: on the
     command line, Ctrl-C reached them too (one process group); a caller's SIGINT may not have.
-    The SLURM executor scancels its jobs itself.
+    A shard stops at the end of its current item on SIGTERM (committing its journal); one whose
+    item takes longer than ``grace_s`` is killed (its last commit stands), and a killed fork-server
+    client takes its forked shard with it. The SLURM executor scancels its jobs itself.
     """
     import psutil  # a dependency of Snakemake
     from snakemake.shell import shell
 
     with shell._lock:  # Snakemake's own table of running shell jobs
         roots = [proc.pid for proc in shell._processes.values()]
+    processes = []
     for root in roots:
         try:
             tree = psutil.Process(root)
-            processes = [tree, *tree.children(recursive=True)]
+            processes += [tree, *tree.children(recursive=True)]
         except psutil.NoSuchProcess:
             continue
-        for process in processes:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.terminate()
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 @contextlib.contextmanager
