@@ -48,6 +48,8 @@ write_conf() {
     cpus=$(nproc)
     mem_mb=$(awk '/MemAvailable/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
+    # KillWait: seconds from SIGTERM to SIGKILL at scancel/time limit (SLURM's default 30; 5 keeps the
+    # tests' scancelled shards, held mid-item, short; the shards' items take well under a second).
     cat >"$CONF" <<CONF
 ClusterName=local
 SlurmctldHost=$host
@@ -71,6 +73,7 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 ReturnToService=2
 MinJobAge=3600
+KillWait=5
 NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from workflow_driver import SnakemakeServer, Workflow
+import yaml
+
+from workflow_driver import REPO, SnakemakeServer, Workflow
 
 TIERS = {
     # Snakemake runs: every test in the module.
@@ -55,7 +57,7 @@ TIERS = {
 }
 
 # Fixtures that run Snakemake: a test using one and not marked e2e is reported (see below).
-SNAKEMAKE_FIXTURES = {"wf", "snakemake_server"}
+SNAKEMAKE_FIXTURES = {"wf", "snakemake_server", "default_job"}
 
 TESTS = Path(__file__).resolve().parent
 
@@ -106,6 +108,16 @@ def pytest_collection_modifyitems(config, items):
 def wf(tmp_path):
     """A Snakemake working directory in ``tmp_path`` (see :class:`workflow_driver.Workflow`)."""
     return Workflow(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def default_job(tmp_path_factory):
+    """A working directory where the shipped config/config.yaml ran (``snakemake --cores 2``), once per session."""
+    wf = Workflow(tmp_path_factory.mktemp("default_job"))
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    (wf.path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    wf.snakemake("--cores", "2")
+    return wf
 
 
 @pytest.fixture(scope="session")

@@ -12,15 +12,12 @@ import json
 import os
 import re
 import shutil
-from pathlib import Path
 
 import pytest
-import yaml
 
 import toys as fx
 from espnet3_rules.cli.report import error_counts, shard_records, throughput_line, write_plan_page, write_scores_page, write_shard_plot
 from espnet3_rules.engine.plan import read_manifest
-from workflow_driver import REPO
 
 WER = "espnet3_rules.systems.esp2_asr.metrics.wer.WER"
 
@@ -120,11 +117,9 @@ def open_item(page, category, subcategory, name):
     page.locator("nav tr", has_text=name).locator("a").first.click()
 
 
-def test_report_of_the_default_job_shows_the_scores_and_the_shards_in_chromium(wf):
+def test_report_of_the_default_job_shows_the_scores_and_the_shards_in_chromium(default_job):
     sync_playwright, chromium = browser()
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    (wf.path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    wf.snakemake("--cores", "2")
+    wf = default_job
     wf.snakemake("--report", str(wf.path / "report.html"))
     metrics = json.loads((wf.path / "results/tone_asr/decode/metrics.json").read_text())
     test_sets = ["tone_dev", "tone_test"]

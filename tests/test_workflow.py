@@ -5,7 +5,6 @@ import re
 import subprocess
 
 import pytest
-import yaml
 
 from espnet3_rules.cli.main import main as cli_main
 from workflow_driver import REPO, expected_text, job, job_counts, snapshot
@@ -155,11 +154,9 @@ def test_dry_run_builds_no_provider_env_or_model(wf, snakemake_server, monkeypat
     assert sorted(p.name for p in markers.iterdir()) == ["build_env_local", "build_worker_setup_fn", "init", "setup"]
 
 
-def test_default_config_runs_end_to_end_with_two_test_sets_and_metrics(wf):
+def test_default_config_runs_end_to_end_with_two_test_sets_and_metrics(default_job):
     """The shipped config/config.yaml (README command 1), in a temp working directory."""
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    (wf.path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    wf.snakemake("--cores", "2")
+    wf = default_job
     metrics = json.loads((wf.path / "results/tone_asr/decode/metrics.json").read_text())
     wer, cer = "espnet3_rules.systems.esp2_asr.metrics.wer.WER", "espnet3_rules.systems.esp2_asr.metrics.cer.CER"
     assert list(metrics) == [wer, cer]
