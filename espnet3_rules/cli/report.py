@@ -164,7 +164,8 @@ def write_plan_page(plan: ShardPlan, records: Sequence[ShardRecord], path: Path)
             end = attempt["ended"] or attempt["updated"]
             rows.append([f"split.{record.shard}", n, outcome_of(attempt), record.items,
                          f"{attempt['resumed_at']}", f"{end - attempt['started']:.2f}",
-                         f"{attempt.get('cpu_s', 0):.2f}", f"{attempt.get('peak_rss_mb', 0):.0f}",
+                         f"{attempt['cpu_s']:.2f}" if "cpu_s" in attempt else "",  # none for a killed attempt
+                         f"{attempt['peak_rss_mb']:.0f}" if "peak_rss_mb" in attempt else "",
                          attempt["host"], attempt["slurm_job_id"] or "", attempt["error"] or ""])
     job = {key: value for key, value in plan.job.to_dict().items() if value not in (None, "", {}, [])}
     unit = "batch" if plan.job.batch_size else "item"

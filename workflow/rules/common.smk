@@ -17,8 +17,7 @@ from espnet3_rules.cli.snakemake_run import jobs_from_manifests
 # The shell commands read it from the environment they inherit ("$ESPNET3_RULES_PYTHON"): not a
 # param, so that another path to the same installation reruns nothing. The shard rule runs the
 # fork server's client as a script without site ("$ESPNET3_RULES_SHARD_CLIENT", see forkclient).
-os.environ["ESPNET3_RULES_PYTHON"] = sys.executable
-os.environ["ESPNET3_RULES_SHARD_CLIENT"] = forkclient.__file__
+os.environ.update(ESPNET3_RULES_PYTHON=sys.executable, ESPNET3_RULES_SHARD_CLIENT=forkclient.__file__)
 
 with exit_on_contract_error():
     if "manifests" in config:
@@ -90,3 +89,13 @@ def all_targets():
             targets += [f"{root}/split.{i}/done" for i in range(job.n_shards) if not os.path.exists(f"{root}/split.{i}/done")]
         targets += [merged, f"{root}/report/shards.svg"]
     return targets + [f"{metrics_dir}/{name}" for metrics_dir in MEASURES for name in ("metrics.json", "report/scores.html")]
+
+
+def report_category(wildcards):
+    """The job a job's report item belongs to."""
+    return job_of(wildcards).name
+
+
+def report_subcategory(wildcards):
+    """The test set a job's report item belongs to ("shards" for a job without test sets)."""
+    return job_of(wildcards).test_set or "shards"

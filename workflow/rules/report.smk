@@ -1,21 +1,11 @@
 # The items of `snakemake --report report.html`: per job (or test set) its shards' plot and its plan
 # page, per measured job its scores table. Categories: the job; subcategories: the test set, or
-# "shards" for a job without test sets, and "scores".
+# "shards" for a job without test sets, and "scores" (report_category/report_subcategory in common.smk).
 
 
 localrules:
     job_report,
     scores_report,
-
-
-def report_category(wildcards):
-    """The job a report item belongs to."""
-    return job_of(wildcards).name
-
-
-def report_subcategory(wildcards):
-    """The test set a job's report item belongs to ("shards" without test sets)."""
-    return job_of(wildcards).test_set or "shards"
 
 
 rule job_report:
