@@ -164,8 +164,6 @@ def job_counts(output: str) -> dict:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
 
 
-
-
 def assert_kept(before: Dict[str, bytes], root: Path) -> None:
     """Every file of ``before`` is still under ``root`` with the same bytes (new files are allowed)."""
     after = snapshot(root)

@@ -161,12 +161,17 @@ def jobs_from_config(config: Mapping[str, Any], protected_dirs: Iterable[Any] = 
     return jobs
 
 
+def jobs_named(jobs: Iterable[JobSpec], name: str) -> List[JobSpec]:
+    """The jobs ``name`` names: a job (every test set of it), or one test set as ``job/test_set``."""
+    return [job for job in jobs if name in (job.name, job.label)]
+
+
 def job_from_config(config: Mapping[str, Any], name: str) -> JobSpec:
     """The job ``name`` (a job with test sets needs ``name/test_set``)."""
     jobs = list(jobs_from_config(config).values())
-    matches = [job for job in jobs if name in (job.name, f"{job.name}/{job.test_set}")]
+    matches = jobs_named(jobs, name)
     if len(matches) != 1:
-        names = sorted(job.name if job.test_set is None else f"{job.name}/{job.test_set}" for job in jobs)
+        names = sorted(job.label for job in jobs)
         problem = "names several test sets" if matches else "is not in the config"
         raise ContractError(f"job {name!r} {problem}; jobs are {names}")
     return matches[0]

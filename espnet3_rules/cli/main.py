@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 import traceback
+from pathlib import Path
 from typing import List, Optional
 
 from espnet3_rules.engine.contracts import ContractError

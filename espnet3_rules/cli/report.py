@@ -76,12 +76,6 @@ def shard_records(plan: ShardPlan) -> List[ShardRecord]:
     ]
 
 
-def job_label(plan: ShardPlan) -> str:
-    """``job`` or ``job/test_set``."""
-    job = plan.job
-    return job.name if job.test_set is None else f"{job.name}/{job.test_set}"
-
-
 def throughput_line(records: Sequence[ShardRecord]) -> str:
     """Items per second from the first shard's start to the last one's end, and the slowest shard."""
     finished = [r for r in records if r.final]
@@ -104,7 +98,7 @@ def write_shard_plot(plan: ShardPlan, records: Sequence[ShardRecord], path: Path
     many = len(ids) > MANY_SHARDS
     fig = Figure(figsize=(8, 6.5), layout="constrained")
     wall, memory, items = fig.subplots(3, 1, sharex=True)
-    fig.suptitle(f"{job_label(plan)}: {plan.n_shards} shards\n{throughput_line(records)}", fontsize=10)
+    fig.suptitle(f"{plan.job.label}: {plan.n_shards} shards\n{throughput_line(records)}", fontsize=10)
     wall.bar(ids, [r.wall_s or 0 for r in records], color="tab:blue", label="final attempt", rasterized=many)
     retried = [(r.shard, a) for r in records for a in r.earlier]
     if retried:
@@ -178,7 +172,7 @@ def write_plan_page(plan: ShardPlan, records: Sequence[ShardRecord], path: Path)
         + "<h2>Job</h2><pre>" + html.escape(yaml.safe_dump(job, sort_keys=False)) + "</pre>"
         + "<h2>Versions</h2>" + table(["package", "version"], list(versions().items()), left=2)
     )
-    write_page(path, f"{job_label(plan)}: plan and shards", body)
+    write_page(path, f"{plan.job.label}: plan and shards", body)
 
 
 def error_counts(test_dir: Path, metric_key: str) -> Optional[Dict[str, int]]:

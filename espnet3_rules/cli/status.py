@@ -13,9 +13,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, List, Optional
 
+from espnet3_rules.cli.config import jobs_named
 from espnet3_rules.engine.attempts import read_attempts
 from espnet3_rules.engine.contracts import ContractError
-from espnet3_rules.engine.job import JobSpec
+from espnet3_rules.engine.job import JobSpec, job_label
 from espnet3_rules.engine.merge import MERGE_DONE_NAME
 from espnet3_rules.engine.plan import MANIFEST_NAME, ShardPlan, read_manifest
 from espnet3_rules.engine.shard import is_shard_done, lock_owner_gone
@@ -114,7 +115,7 @@ def select_jobs(jobs: Iterable[JobSpec], name: Optional[str]) -> List[JobSpec]:
     jobs = list(jobs)
     if name is None:
         return jobs
-    selected = [job for job in jobs if name in (job.name, f"{job.name}/{job.test_set}")]
+    selected = jobs_named(jobs, name)
     if not selected:
         raise ContractError(f"job {name!r} is not in the config; jobs are {sorted({job.name for job in jobs})}")
     return selected
@@ -122,7 +123,7 @@ def select_jobs(jobs: Iterable[JobSpec], name: Optional[str]) -> List[JobSpec]:
 
 def describe(status: JobStatus, now: Optional[float] = None) -> List[str]:
     """The lines ``status`` prints for one job."""
-    label = status.job if status.test_set is None else f"{status.job}/{status.test_set}"
+    label = job_label(status.job, status.test_set)
     if not status.planned:
         return [f"{status.root} ({label}): not planned yet"]
     counts = status.counts()

@@ -49,7 +49,7 @@ def resource_usage() -> Dict[str, float]:
 
 
 def describe_usage(usage: Dict[str, Any]) -> str:
-    """``"1.20 s CPU, 216 MB peak RSS"`` of a :func:`resource_usage` (or an attempt's record)."""
+    """``"1.20 s CPU, 216 MB peak RSS"`` of a :func:`resource_usage`."""
     return f"{usage['cpu_s']:.2f} s CPU, {usage['peak_rss_mb']:.0f} MB peak RSS"
 
 
@@ -103,8 +103,8 @@ class Attempt:
         if time.monotonic() - self.written_at >= PROGRESS_SECONDS:
             self.write()
 
-    def end(self, outcome: str, error: Optional[BaseException] = None) -> Dict[str, Any]:
-        """Record how the attempt ended (``done``, ``failed``, ``interrupted``); returns its record."""
+    def end(self, outcome: str, error: Optional[BaseException] = None) -> None:
+        """Record how the attempt ended (``done``, ``failed``, ``interrupted``)."""
         usage = resource_usage()
         self.record.update(
             ended=time.time(),
@@ -116,7 +116,6 @@ class Attempt:
         if outcome == "done":
             self.record["items_done"] = self.record["n_items"]
         self.write()
-        return self.record
 
     def write(self) -> None:
         """Replace ``attempts.json`` (atomically; not fsynced: it is a record, not a result).

@@ -33,6 +33,11 @@ def shard_root(output_dir: Any, shard_subdir: str = "") -> Path:
     return Path(output_dir) / shard_subdir if shard_subdir else Path(output_dir)
 
 
+def job_label(name: str, test_set: Optional[str]) -> str:
+    """How the CLI and the report name a job: ``name``, or ``name/test_set`` for one of its test sets."""
+    return name if test_set is None else f"{name}/{test_set}"
+
+
 @dataclass
 class JobSpec:
     """One sharded run: its manifest, its ``split.N`` shards and its merge.
@@ -73,6 +78,11 @@ class JobSpec:
     def root(self) -> Path:
         """See :func:`shard_root`."""
         return shard_root(self.output_dir, self.shard_subdir)
+
+    @property
+    def label(self) -> str:
+        """See :func:`job_label`."""
+        return job_label(self.name, self.test_set)
 
     def result_fields(self) -> Dict[str, Any]:
         """What determines results besides the items (hashed into the fingerprint)."""
